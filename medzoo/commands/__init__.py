@@ -1,0 +1,1 @@
+"""CLI subcommands, one module each; heavy imports stay inside the command functions."""

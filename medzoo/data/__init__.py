@@ -1,0 +1,1 @@
+"""Data: row formats, loading, mixing and tokenization."""

@@ -1,0 +1,95 @@
+"""Memory planning: how much device memory a recipe needs on a hardware profile, part by part.
+
+The estimate counts, per device: base weights at the profile's precision or quantization, the trainable
+parameters (kept in fp32 for mixed precision) with their gradients and optimizer state, and activations at
+the recipe's sequence length and micro-batch (Korthikanti et al. 2022: s·b·h·(34 + 5·a·s/h) bytes per
+layer in half precision without recomputation; with gradient checkpointing only each layer's input is
+kept, plus one layer's full activations during recomputation), plus a fixed CUDA context/workspace.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medzoo.objects import BaseModel, HardwareProfile
+
+GB = 1024 ** 3
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "nf4": 0.5 + 0.0625, "int8": 1.0 + 0.03}  # nf4/int8 incl. scales
+OPTIMIZER_STATES = {"adamw": 2, "lion": 1, "sgd": 0}  # fp32 tensors per trainable parameter
+CONTEXT_GB = 1.0  # CUDA context, cuBLAS workspace, allocator slack
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_gb: float
+    trainable_params: int
+    trainable_gb: float               # fp32 trainable weights + their gradients
+    optimizer_gb: float
+    activations_gb: float
+    overhead_gb: float
+    total_gb: float                   # per device
+    budget_gb: float
+    fits: bool
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def trainable_parameters(base: BaseModel, method: str, params: dict) -> int:
+    h, layers, head_dim = base.hidden, base.layers, base.hidden // base.heads
+    kv = base.kv_heads * head_dim
+    if method in ("lora", "qlora"):
+        r = int(params.get("r", 8))
+        shapes = {  # module -> (in, out)
+            "query_key_value": (h, h + 2 * kv), "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv),
+            "o_proj": (h, h), "dense": (h, h), "gate_proj": (h, base.intermediate),
+            "up_proj": (h, base.intermediate), "down_proj": (base.intermediate, h),
+            "dense_h_to_4h": (h, base.intermediate), "dense_4h_to_h": (base.intermediate, h),
+        }
+        targets = params.get("target_modules", ["q_proj", "v_proj"])
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split(",")]
+        return layers * sum(r * sum(shapes.get(t, (h, h))) for t in targets)
+    if method == "freeze":
+        n = int(params.get("num_layer_trainable", 3))
+        return n * base.mlp_matrices * h * base.intermediate
+    if method == "ptuning-v2":
+        pre = int(params.get("pre_seq_len", 16))
+        prefix = pre * layers * 2 * kv
+        if params.get("prefix_projection"):
+            ph = int(params.get("prefix_hidden_size", h))
+            prefix = pre * h + h * ph + ph * layers * 2 * kv
+        return prefix
+    return int(base.params_b * 1e9)  # full
+
+
+def estimate(base: BaseModel, profile: HardwareProfile, method: str, params: dict, training: dict) -> MemoryEstimate:
+    n = base.params_b * 1e9
+    half = profile.precision != "fp32"
+    split = profile.devices if profile.placement in ("model-parallel", "fsdp") else 1
+    trainable = trainable_parameters(base, method, params)
+    if method == "full":  # fp32 master weights (+ a half-precision working copy) and gradients
+        weights = n * (4 + (2 if half else 0))
+        trainable_bytes = trainable * (2 if half else 4)
+    else:  # frozen base at the profile's precision or quantization; fp32 trainable weights + grads
+        weights = n * (BYTES[profile.quantization] if profile.quantization else BYTES[profile.precision])
+        trainable_bytes = trainable * 8
+    weights /= split
+    trainable_bytes /= split
+    states = OPTIMIZER_STATES.get(str(training.get("optimizer", "adamw")).lower(), 2)
+    optimizer = trainable * 4 * states / split
+
+    s = int(training.get("cutoff_len") or 512)
+    b = int(training.get("micro_batch") or profile.micro_batch)
+    h, a, layers = base.hidden, base.heads, base.layers
+    act_bytes = 2 if half else 4
+    per_layer = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2
+    if profile.gradient_checkpointing:
+        acts = layers * s * b * h * act_bytes + per_layer
+    else:
+        acts = layers * per_layer
+    acts += s * b * base.vocab * 4 * 2  # fp32 logits and their gradient
+    acts /= split
+    overhead = CONTEXT_GB if profile.device == "cuda" else 0.25
+    total = (weights + trainable_bytes + optimizer + acts) / GB + overhead
+    return MemoryEstimate(weights / GB, trainable, trainable_bytes / GB, optimizer / GB, acts / GB, overhead,
+                          total, profile.memory_gb, total <= profile.memory_gb)

@@ -1,0 +1,1 @@
+"""medzoo's built-in recipe plugins, installed as the ``medzoo_plugins`` package (never as ``plugins``)."""
