@@ -1,0 +1,32 @@
+"""Shared test set-up. Every test gets its own MEDZOO_HOME; heavy fixtures are per session.
+
+Helpers' fixture modules are imported at the bottom so each area keeps its own file.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+ARTIFACTS = TESTS / "artifacts"
+sys.path.insert(0, str(TESTS))
+
+
+@pytest.fixture(autouse=True)
+def medzoo_home(tmp_path, monkeypatch):
+    """A private local zoo per test, so tests never see each other's models or the user's."""
+    home = tmp_path / "medzoo-home"
+    monkeypatch.setenv("MEDZOO_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """The cpu-demo base (medzoo-tiny), built once per session and shared through MEDZOO_TINY."""
+    from medzoo import tiny
+
+    folder = tmp_path_factory.mktemp("tiny") / tiny.NAME
+    tiny.build(folder, pretrain_steps=20)
+    os.environ["MEDZOO_TINY"] = str(folder)
+    return folder
