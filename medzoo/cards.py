@@ -10,6 +10,24 @@ from medzoo.objects import MedzooError
 REQUIRED = ("language", "license", "base_model", "library_name", "tags", "datasets")
 
 
+def card_path(recipe) -> Path | None:
+    """A recipe's card: in its plugin package when it ships one there, else in medzoo's cards/."""
+    if not recipe.card:
+        return None
+    if recipe.package:
+        from importlib import resources
+
+        try:
+            candidate = resources.files(recipe.package) / recipe.card
+            if candidate.is_file():
+                return Path(str(candidate))
+        except ModuleNotFoundError:
+            pass
+    from medzoo.registry import cards_dir
+
+    return cards_dir() / recipe.card
+
+
 def split(text: str, name: str) -> tuple[dict, str, int]:
     """(front matter, body, line where the body starts); errors name the file and line."""
     lines = text.splitlines(keepends=True)
@@ -23,7 +41,8 @@ def split(text: str, name: str) -> tuple[dict, str, int]:
     try:
         meta = yaml.safe_load("".join(lines[1:end])) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # an unclosed bracket is reported at the end of the text; where it opened is the useful line
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         line = mark.line + 2 if mark else 1
         raise MedzooError(f"{name}:{line}: front matter is not valid YAML: {getattr(exc, 'problem', exc)}") \
             from None

@@ -207,7 +207,7 @@ def catalog_with(*plugins) -> Catalog:
     failures: list = []
     infos = load_entry_points(pm, failures)
     for i, plugin in enumerate(plugins):
-        name = getattr(plugin, "__name__", None) or f"extra-{i}"
+        name = getattr(plugin, "__name__", None) or type(plugin).__name__
         pm.register(plugin, name=name)
         infos.append(PluginInfo(name, name, "?", "?", "?", False))
     return collect(pm, infos, failures)

@@ -37,7 +37,8 @@ class MemoryEstimate:
 def trainable_parameters(base: BaseModel, method: str, params: dict) -> int:
     h, layers, head_dim = base.hidden, base.layers, base.hidden // base.heads
     kv = base.kv_heads * head_dim
-    if method in ("lora", "qlora"):
+    # decided by the method's hyper-parameters, so a plugin's own adapter method is estimated too
+    if "r" in params:
         r = int(params.get("r", 8))
         shapes = {  # module -> (in, out)
             "query_key_value": (h, h + 2 * kv), "q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv),
@@ -49,10 +50,10 @@ def trainable_parameters(base: BaseModel, method: str, params: dict) -> int:
         if isinstance(targets, str):
             targets = [t.strip() for t in targets.split(",")]
         return layers * sum(r * sum(shapes.get(t, (h, h))) for t in targets)
-    if method == "freeze":
+    if "num_layer_trainable" in params:
         n = int(params.get("num_layer_trainable", 3))
         return n * base.mlp_matrices * h * base.intermediate
-    if method == "ptuning-v2":
+    if "pre_seq_len" in params:
         pre = int(params.get("pre_seq_len", 16))
         prefix = pre * layers * 2 * kv
         if params.get("prefix_projection"):
@@ -67,7 +68,7 @@ def estimate(base: BaseModel, profile: HardwareProfile, method: str, params: dic
     half = profile.precision != "fp32"
     split = profile.devices if profile.placement in ("model-parallel", "fsdp") else 1
     trainable = trainable_parameters(base, method, params)
-    if method == "full":  # fp32 master weights (+ a half-precision working copy) and gradients
+    if trainable >= n:  # full tuning: fp32 master weights (+ a half-precision working copy) and gradients
         weights = n * (4 + (2 if half else 0))
         trainable_bytes = trainable * (2 if half else 4)
     else:  # frozen base at the profile's precision or quantization; fp32 trainable weights + grads

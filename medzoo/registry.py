@@ -81,7 +81,7 @@ def load(cat: Catalog, path: Path | None = None) -> Registry:
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise MedzooError(f"{path.name}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     reg = Registry(path)

@@ -124,7 +124,7 @@ def recipe_info(cat, reg, r: Recipe) -> dict:
             "method": r.default_method, "estimate": est.as_dict()})
     info["card"] = None
     if r.card:
-        meta, body = cards.read(registry.cards_dir() / r.card)
+        meta, body = cards.read(cards.card_path(r))
         info["card"] = {"file": r.card, "meta": meta, "body": body}
     return info
 
