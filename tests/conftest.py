@@ -30,3 +30,13 @@ def tiny_base(tmp_path_factory):
     tiny.build(folder, pretrain_steps=20)
     os.environ["MEDZOO_TINY"] = str(folder)
     return folder
+
+
+# --- model folders of every layout on the tiny base (issue 5: chat/web/merge/serve tests) ---------------
+@pytest.fixture(scope="session")
+def tiny_models(tiny_base, tmp_path_factory):
+    """{method: model folder} for lora / freeze / ptuning-v2 / full on medzoo-tiny, per docs/model-folder.md,
+    with random (non-zero) trained weights so each differs from the base."""
+    from model_folders import make_all
+
+    return make_all(tiny_base, tmp_path_factory.mktemp("tiny-models"))
