@@ -210,7 +210,9 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | None = None
     layout = manifest.get("layout", "peft")
     overrides = manifest.get("config_overrides") or {}
     if layout == "full":
-        model, tokenizer = load_base(str(folder / "model"), device=device, dtype=dtype,
+        # a merged export (`medzoo merge`) keeps the model at the folder's root so plain transformers loads it
+        weights = folder / "model" if (folder / "model").is_dir() else folder
+        model, tokenizer = load_base(str(weights), device=device, dtype=dtype,
                                      trust_remote_code=trust_remote_code, quantization=quantization)
     else:
         model, tokenizer = load_base(base or manifest["base_model"], device=device, dtype=dtype,
