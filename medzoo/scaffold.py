@@ -143,8 +143,11 @@ datasets:
 its limits. Research use only; not for clinical decisions.
 '''
     files[f"tests/test_{mod}.py"] = f'''"""Checks that the plugin loads into medzoo and its sample data fits its format and template."""
+import json
+from importlib import resources
+
 from medzoo import host
-from medzoo.data.load import load_dataset_rows
+from medzoo.objects import resolve
 
 
 def test_recipe_is_registered():
@@ -155,14 +158,21 @@ def test_recipe_is_registered():
     assert cat.origin[("recipes", {name!r})] == {name!r}
 
 
-def test_sample_rows_render():
+def test_sample_rows_fit_the_format_and_template():
     cat = host.catalog()
-    rows = load_dataset_rows(cat.datasets[{dataset_name!r}], use_sample=True)
-    assert rows, "the sample data is empty"
+    spec = cat.datasets[{dataset_name!r}]
+    raw = (resources.files(spec.package) / spec.sample).read_text(encoding="utf-8")
+    try:
+        rows = json.loads(raw)
+    except ValueError:  # JSON lines
+        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    normalize = resolve(cat.formats[spec.format].normalize)
     template = cat.templates[{template_name!r}]
+    assert rows, "the sample data is empty"
     for row in rows:
-        assert row["response"].strip()
-        assert row["query"] in template.render(row["query"], row["history"])
+        conv = normalize(row)
+        assert conv["response"].strip()
+        assert conv["query"] in template.render(conv["query"], conv["history"])
 '''
     files["README.md"] = f'''# medzoo-{name}
 
