@@ -354,9 +354,10 @@ def doctor_answer(w: Writer, d: dict) -> str:
              w.pick(("可在医生指导下服用{dr}。", "药物可选{dr}，但要遵医嘱使用，不要自己乱用药。", "")),
              w.pick(("平时注意{adv}。", "生活上要{adv}。", "{note}。", "")),
              w.pick(("祝早日康复！", "", "", "如有不适加重请及时就医。"))]
-    return "".join(parts).format(n=d["name"], c=w.some(d["causes"], 1, 3), dept=d["dept"], e=w.some(d["exams"], 1, 3),
+    text = "".join(parts).format(n=d["name"], c=w.some(d["causes"], 1, 3), dept=d["dept"], e=w.some(d["exams"], 1, 3),
                                  t=w.some(d["treatments"], 1, 3), dr=w.some(d["drugs"], 1, 3) or "对症药物",
                                  adv=d["advice"], note=d["note"])
+    return text[:-1] + "。" if text.endswith("，") else text
 
 
 FOLLOW_UPS = {
