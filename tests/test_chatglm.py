@@ -221,6 +221,37 @@ def test_load_original_bin_shards_converts_once_to_safetensors(tmp_path, model, 
     assert tok.padding_side == "left" and tok.eos_token == "<eop>"
 
 
+def test_load_from_the_hub_by_repo_id(tmp_path, model, vocab_file, medzoo_home, monkeypatch):
+    """Through the real huggingface_hub client against tests/hubserver.py: snapshot, convert, load."""
+    from huggingface_hub import HfApi
+    from hub_fixtures import TOKEN
+    from hubserver import HubServer
+
+    from medzoo.chatglm.loading import load_chatglm
+
+    server = HubServer(tmp_path / "hub-store", {TOKEN: "alice"}).start()
+    try:
+        api = HfApi(endpoint=server.url, token=TOKEN)
+        api.create_repo("alice/chatglm-6b")
+        source = original_checkpoint(tmp_path / "upload", model, vocab_file)
+        api.upload_folder(repo_id="alice/chatglm-6b", folder_path=source)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        for var in ("HF_TOKEN", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(var, raising=False)
+        loaded, tok = load_chatglm("alice/chatglm-6b", dtype=torch.float32)
+        ids = torch.tensor([tok("头痛失眠")["input_ids"]])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        (converted,) = (medzoo_home / "converted").iterdir()
+        name, commit = converted.name.split("@")
+        assert name == "alice--chatglm-6b" and len(commit) == 40
+        with pytest.raises(MedzooError, match="alice/missing: cannot download"):
+            load_chatglm("alice/missing")
+    finally:
+        server.stop()
+
+
 def test_load_safetensors_folder_in_place_and_overrides(tmp_path, model, config, vocab_file, medzoo_home):
     from medzoo.chatglm.loading import load_chatglm
     from medzoo.chatglm.tokenization import ChatGLMTokenizer
@@ -267,6 +298,7 @@ def test_forward_backward_and_gradient_checkpointing(config, tokenizer):
     assert grads["transformer.layers.0.attention.query_key_value.weight"].abs().sum() > 0
     model.zero_grad()
     model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.transformer.layers)
     again = model(input_ids=input_ids, attention_mask=mask, labels=labels)
     again.loss.backward()
     torch.testing.assert_close(again.loss, out.loss)
@@ -376,6 +408,17 @@ def test_ptuning_v2_prefix(tmp_path, config, tokenizer, projection):
     tuned(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in tuned.named_parameters() if n in prefix_names)
     assert all(p.grad is None for n, p in tuned.named_parameters() if n not in prefix_names)
+    tuned.zero_grad()
+    tuned.transformer.prefix_dropout.p = 0.0  # the same prefix twice, so the two backward passes compare
+    tuned(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+    grads = {n: p.grad.clone() for n, p in tuned.named_parameters() if n in prefix_names}
+    tuned.zero_grad()
+    tuned.gradient_checkpointing_enable()  # the prefix reaches checkpointed layers as positional inputs
+    tuned(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(tuned.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-7)
+    tuned.gradient_checkpointing_disable()
+    tuned.transformer.prefix_dropout.p = 0.1
     tuned.eval()
 
     state = {k: v for k, v in tuned.state_dict().items() if "prefix_encoder" in k}

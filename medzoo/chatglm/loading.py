@@ -25,7 +25,7 @@ BIN_SINGLE = "pytorch_model.bin"
 ST_INDEX = "model.safetensors.index.json"
 ST_SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json", "special_tokens_map.json")
-HUB_PATTERNS = ["config.json", "*.json", "ice_text.model", "*.bin", "*.safetensors"]
+META_PATTERNS = ["*.json", "ice_text.model"]
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)
 
 _registered = False
@@ -85,8 +85,7 @@ def _weights_kind(folder: Path) -> str | None:
 def _bin_shards(folder: Path) -> list[str]:
     index = folder / BIN_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
-        shards = sorted(set(weight_map.values()))
+        shards = _bin_shards_listed(index)
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise MedzooError(f"{index}: shard files missing: {', '.join(missing)}")
@@ -158,20 +157,51 @@ def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> 
     return target
 
 
+def _hub_settings() -> dict:
+    """HF_ENDPOINT and the cache folder, read at call time (not when huggingface_hub was imported)."""
+    settings = {"endpoint": os.environ.get("HF_ENDPOINT") or None}
+    if os.environ.get("HF_HUB_CACHE"):
+        settings["cache_dir"] = os.environ["HF_HUB_CACHE"]
+    elif os.environ.get("HF_HOME"):
+        settings["cache_dir"] = str(Path(os.environ["HF_HOME"]) / "hub")
+    return settings
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """The configuration and tokenizer first, then only the weights the index names (never .bin and safetensors)."""
+    from huggingface_hub import snapshot_download
+
+    settings = _hub_settings()
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=META_PATTERNS, **settings))
+        if (folder / ST_INDEX).is_file():
+            patterns = ["*.safetensors"]
+        elif (folder / BIN_INDEX).is_file():
+            patterns = _bin_shards_listed(folder / BIN_INDEX)
+        else:
+            patterns = [ST_SINGLE, BIN_SINGLE]
+        # the first call resolved the revision to a commit: pin it, so both calls read the same snapshot
+        folder = Path(snapshot_download(repo_id, revision=folder.name, allow_patterns=patterns, **settings))
+    except Exception as exc:
+        raise MedzooError(f"{repo_id}: cannot download from the Hub ({type(exc).__name__}: {exc}); "
+                          "check the repo id and revision, HF_TOKEN, or HF_ENDPOINT") from None
+    return folder
+
+
+def _bin_shards_listed(index: Path) -> list[str]:
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+    return sorted(set(weight_map.values()))
+
+
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
     """A local folder with loadable safetensors weights for ``path_or_repo_id``, converting once when needed."""
     local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
-        name, tag = local.resolve().name, revision or _fingerprint(local)
+        name, tag = local.resolve().name, _fingerprint(local)  # a changed folder converts again
         folder = local
     else:
         repo_id = str(path_or_repo_id)
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
-        except Exception as exc:
-            raise MedzooError(f"{repo_id}: cannot download from the Hub ({type(exc).__name__}: {exc})") from None
+        folder = _download(repo_id, revision)
         name, tag = repo_id.replace("/", "--"), folder.name  # the snapshot folder is named by its commit
     if not (folder / CONFIG_FILE).is_file():
         raise MedzooError(f"{path_or_repo_id}: no {CONFIG_FILE}; not a ChatGLM-6B checkpoint folder")
