@@ -5,6 +5,8 @@ They raise ``RowError(field, problem)``; the loader adds the file and line.
 """
 from __future__ import annotations
 
+import re
+
 
 class RowError(ValueError):
     def __init__(self, field: str, problem: str):
@@ -62,8 +64,19 @@ def input_output(row: dict) -> dict:
     return {"query": text(row, "input"), "response": text(row, "output"), "history": []}
 
 
+# Med-ChatGLM's train.txt may hold the context already wrapped in its training template; the template is
+# applied again at tokenization, so a wrapped context is unwrapped here rather than wrapped twice.
+_WRAPPED = re.compile(r"\s*问题[：:](.*?)\n(?:回答|答案)[：:]\s*", re.S)
+
+
 def context_target(row: dict) -> dict:
-    return {"query": text(row, "context"), "response": text(row, "target"), "history": []}
+    query = text(row, "context")
+    wrapped = _WRAPPED.fullmatch(query)
+    if wrapped:
+        query = wrapped.group(1).strip()
+        if not query:
+            raise RowError("context", "holds the template but no question")
+    return {"query": query, "response": text(row, "target"), "history": []}
 
 
 def dialogue(row: dict) -> dict:
