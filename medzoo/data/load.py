@@ -155,15 +155,14 @@ def _csv_rows(text: str, delimiter: str):
 
 # ---------------------------------------------------------------- rows -> conversations
 def _rename(row: dict, columns: dict[str, str]) -> dict:
-    """dataset_info.json-style mapping ``{medzoo field: file column}``."""
+    """dataset_info.json-style mapping ``{medzoo field: file column}``; a row that already uses the medzoo
+    names (a bundled sample of Hub data with other column names) passes unchanged."""
     if not columns:
         return row
     out = dict(row)
     for medzoo_field, column in columns.items():
         if column in row:
             out[medzoo_field] = row[column]
-        elif medzoo_field != column:
-            out.pop(medzoo_field, None)
     return out
 
 
