@@ -16,6 +16,7 @@ def register_prompt_templates(register):
 def register_datasets(register):
     register(DatasetSpec(
         "huatuo-kg-context", "context-target", "hf://wangrongsheng/Huatuo-data", package=__name__, rows=8658,
+        columns={"context": "instruction", "target": "output"},  # the Hub copy is instruction/input/output
         sample="data/train.sample.txt", license="apache-2.0",
         description="BenTsao's CMeKG-derived QA as {context, target} lines (data/train.txt)"))
 
