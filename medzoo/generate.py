@@ -105,12 +105,8 @@ def encode(lm, query: str, history=()) -> list[int]:
     if not isinstance(query, str) or not query.strip():
         raise MedzooError("empty prompt: ask a question")
     history = [(str(q), str(a)) for q, a in (history or ())]
-    try:
-        from medzoo.data.tokenize import encode_prompt
-    except ModuleNotFoundError as exc:  # TEMPORARY until the data layer lands
-        if exc.name != "medzoo.data.tokenize":
-            raise
-        return lm.tokenizer(lm.template.render(query, history)).input_ids
+    from medzoo.data.tokenize import encode_prompt  # the function training uses: one prompt format
+
     return list(encode_prompt(lm.template, lm.tokenizer, query, history))
 
 
