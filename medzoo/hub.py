@@ -150,7 +150,7 @@ def download(repo_id: str, revision: str) -> tuple[Path, str]:
         # some servers (mirrors) answer a missing revision like a missing repo: ask about the repo alone
         if revision != "main" and not offline():
             try:
-                HfApi(endpoint=where).repo_info(repo_id)
+                HfApi(endpoint=where).repo_info(repo_id, revision="main")
             except Exception:
                 pass
             else:
