@@ -40,3 +40,7 @@ def tiny_models(tiny_base, tmp_path_factory):
     from model_folders import make_all
 
     return make_all(tiny_base, tmp_path_factory.mktemp("tiny-models"))
+
+
+# --- Hub: olah + tests/hubserver.py for pull/push (issue 4) ---------------------------------------------
+from hub_fixtures import *  # noqa: E402,F401,F403
