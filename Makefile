@@ -13,6 +13,7 @@ demo: install
 	medzoo info bentsao
 
 test: install
+	PYTHON=$(PYTHON) bash tools/install-test-deps.sh
 	$(PYTHON) -m pytest -q tests
 
 bench: install

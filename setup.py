@@ -40,7 +40,7 @@ setup(
         "gradio>=5.0",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "olah>=0.5", "openai>=1.40"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "olah>=0.5", "openai>=1.40", "playwright>=1.40"]},
     entry_points={
         "console_scripts": ["medzoo = medzoo.cli:main"],
         "medzoo": [f"{name} = {module}" for name, module in BUILTIN.items()],
