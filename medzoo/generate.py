@@ -147,15 +147,51 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return held
 
 
+class _Streamer:
+    """Receives tokens from ``generate`` (in its thread) and hands out new text as it becomes printable.
+
+    transformers' TextIteratorStreamer holds text back until a space, a newline or a CJK ideograph, so an
+    answer of Chinese punctuation or Latin words arrives in lumps; this one releases every token's text at
+    once, except while a multi-byte character is still incomplete (decoded as U+FFFD)."""
+
+    def __init__(self, tokenizer):
+        import queue
+
+        self.tokenizer, self.queue, self.ids, self.shown, self.prompt_seen = tokenizer, queue.Queue(), [], 0, False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first sends the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        self._release(final=False)
+
+    def _release(self, final: bool):
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        if len(text) > self.shown:
+            self.queue.put(text[self.shown:])
+            self.shown = len(text)
+
+    def end(self):
+        self._release(final=True)
+        self.queue.put(None)
+
+    def __iter__(self):
+        while (piece := self.queue.get()) is not None:
+            yield piece
+
+
 class Generation:
     """One answer being generated. Iterate it for text pieces as they come (``stream``), or call
     :meth:`result`. The model's lock is held from the start of generation until it ends."""
 
-    def __init__(self, lm, query: str, history=(), *, use_base: bool = False, **overrides):
+    def __init__(self, lm, query: str, history=(), *, use_base: bool = False, stop=(), **overrides):
         self.lm = lm
         self.settings = settings(lm, **overrides)
         self.ids = encode(lm, query, history)
-        self.stops = tuple(s for s in lm.template.stop if s)
+        self.stops = tuple(s for s in (*lm.template.stop, *stop) if s)  # the template's, then the caller's
         self.use_base = use_base
         limit = context_length(lm.model)
         prefix = _peft_prefix(lm.model)
@@ -216,9 +252,7 @@ class Generation:
         if not self.streams:
             yield self.result().text
             return
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.lm.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _Streamer(self.lm.tokenizer)
         box: dict = {}
 
         def work():
