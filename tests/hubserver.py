@@ -83,6 +83,8 @@ class HubState:
         if repo is None or (repo["private"] and user is None):
             # the Hub answers 401 to anonymous callers for private and missing repos alike
             raise HubError(401 if user is None else 404, "RepoNotFound", "Repository not found")
+        if repo.get("gated") and user is None:
+            raise HubError(401, "GatedRepo", "Access to this model is restricted: log in and accept its conditions")
         if write and user is None:
             raise HubError(401, None, "You must be authenticated to write")
         return repo

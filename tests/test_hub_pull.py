@@ -2,6 +2,7 @@
 tests/hubserver.py for private repos, bad revisions and interrupted downloads. Real HTTP, real client."""
 import json
 import pickle
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -240,7 +241,6 @@ def test_private_repo_needs_token(hf_env, hub_server, monkeypatch, tmp_path):
     api.create_repo("alice/secret-lora", private=True)
     src = tmp_path / "src"
     src.mkdir()
-    (src / "adapter_model.bin").write_bytes(b"")
     import torch
 
     torch.save({"transformer.layers.3.mlp.dense_4h_to_h.bias": torch.ones(4)}, src / "adapter_model.bin")
@@ -306,3 +306,45 @@ def test_pickles_in_repo_are_never_unpickled(olah_env, olah_repos):
     pickle.loads((repo / ".git/lfs/objects" / oid[:2] / oid[2:4] / oid).read_bytes())
     assert marker.exists()   # the trap is real
     marker.unlink()
+
+
+def test_gated_repo_says_so(hf_env, hub_server, monkeypatch, tmp_path):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub_server.url, token=TOKEN)
+    api.create_repo("alice/gated")
+    hub_server.state.repos["alice/gated"]["gated"] = True
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    result = run("pull", "alice/gated", ok=False)
+    assert result.exit_code == 2
+    assert f"alice/gated is gated: accept its conditions at {hub_server.url}/alice/gated" in result.output
+    assert "HF_TOKEN" in result.output
+
+
+def test_pull_full_model_converts_bin_to_safetensors(hf_env, hub_server, monkeypatch, tmp_path, tiny_base):
+    """A full model published as pytorch_model.bin: pulled into model/ as safetensors, same logits."""
+    import torch
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM
+
+    from medzoo.modeling import load_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, src / "pytorch_model.bin")
+    for f in tiny_base.iterdir():
+        if f.suffix == ".json" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, src / f.name)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\ntags: [bentsao]\n---\n# a full fine-tune\n")
+    api = HfApi(endpoint=hub_server.url, token=TOKEN)
+    api.create_repo("alice/full-tiny")
+    api.upload_folder(repo_id="alice/full-tiny", folder_path=src)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    out = run("pull", "alice/full-tiny", "--base", "medzoo-tiny").output
+    _, folder, manifest = zoo.get("full-tiny")
+    assert manifest["layout"] == "full" and manifest["recipe"] == "bentsao", out  # from the card's tags
+    assert (folder / "model" / "model.safetensors").is_file() and not list(folder.rglob("*.bin"))
+    ids = torch.tensor([[1, 20, 30, 40]])
+    with torch.no_grad():
+        assert torch.equal(load_model("full-tiny").model(input_ids=ids).logits, model(input_ids=ids).logits)
