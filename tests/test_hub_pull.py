@@ -348,3 +348,13 @@ def test_pull_full_model_converts_bin_to_safetensors(hf_env, hub_server, monkeyp
     ids = torch.tensor([[1, 20, 30, 40]])
     with torch.no_grad():
         assert torch.equal(load_model("full-tiny").model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_local_dir(olah_env, tmp_path):
+    target = tmp_path / "elsewhere" / "medqa-freeze"
+    run("pull", "wangrongsheng/MedQA-ChatGLM-Freeze", "--local-dir", str(target), "--name", "fz")
+    name, folder, manifest = zoo.get("fz")
+    assert folder == target.resolve() and (target / "trainable.safetensors").is_file()
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]   # no temp folder left behind
+    out = run("rm", "fz").output
+    assert "files kept" in out and target.is_dir() and "fz" not in zoo.entries()
