@@ -44,3 +44,13 @@ def tiny_models(tiny_base, tmp_path_factory):
 
 # --- Hub: olah + tests/hubserver.py for pull/push (issue 4) ---------------------------------------------
 from hub_fixtures import *  # noqa: E402,F401,F403
+
+
+# --- training (issue 3): tiny Llama / GLM-4 / native ChatGLM-6B bases for `medzoo train --base` -----------------
+@pytest.fixture(scope="session")
+def train_bases(tiny_base, tmp_path_factory):
+    """{"llama", "glm", "chatglm"}: folders of 3-layer, hidden-32 random models (ChatGLM None when
+    medzoo.chatglm is missing); Llama and GLM share medzoo-tiny's tokenizer."""
+    from train_fixtures import make_bases
+
+    return make_bases(tiny_base, tmp_path_factory.mktemp("train-bases"))

@@ -109,7 +109,9 @@ def collate(rows: list[list[int]], examples: list[dict], pad_id: int, attention:
             seg[b, start:] = len(row)
         spans.append(row_spans)
     real = sum(lengths)
-    tensors = {"input_ids": ids, "position_ids": pos}
+    tensors = {"input_ids": ids}
+    if packing:  # unpacked rows leave positions to the model (ChatGLM-6B computes its own 2-D positions)
+        tensors["position_ids"] = pos
     if attention == "flash_attention_2" and packing:
         pass  # restarting position_ids select the varlen kernel; padding positions restart too
     elif packing:

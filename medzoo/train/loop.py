@@ -60,9 +60,11 @@ class Loop:
 @dataclass
 class Summary:
     steps: int
-    first_loss: float | None
-    final_loss: float | None     # the last step's loss
+    first_loss: float | None     # the first step's loss
+    final_loss: float | None     # the mean loss of the last logging window
     eval_loss: float | None
+    initial_eval_loss: float | None  # the held-out loss before the first step
+    last_step_loss: float | None
     tokens: int                  # real (non-padding) tokens trained on
     tokens_per_s: float
     padding: float               # fraction of computed positions that were padding
@@ -280,7 +282,7 @@ def run(loop: Loop, resume_from: Path | None = None) -> Summary:
     metrics_path = loop.folder / "metrics.jsonl"
 
     state = {"step": 0, "tokens": 0, "slots": 0, "seconds": 0.0, "first_loss": None, "last_loss": None,
-             "eval_loss": None}
+             "window_loss": None, "eval_loss": None, "initial_eval_loss": None}
     resumed_from = None
     if resume_from is not None:
         state, rng = load_checkpoint(loop, resume_from, opt, sched, scaler)
@@ -321,6 +323,9 @@ def run(loop: Loop, resume_from: Path | None = None) -> Summary:
             dist.barrier()
         return path or (loop.folder / CHECKPOINTS / f"step-{at}")
 
+    if step == 0 and loop.val:
+        state["initial_eval_loss"] = evaluate(loop)
+        log({"step": 0, "eval_loss": state["initial_eval_loss"]})
     with StopFlag() as stop:
         while step < total:
             rng_start = rng_next
@@ -381,6 +386,7 @@ def run(loop: Loop, resume_from: Path | None = None) -> Summary:
                           "padding": round(1 - tokens / max(1, slots), 4),
                           "peak_memory_gb": round(peak_memory_gb(loop.device), 3)}
                 log(record)
+                state["window_loss"] = record["loss"]
                 if bar:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window.update(loss=0.0, steps=0, tokens=0, slots=0, t0=time.perf_counter())
@@ -396,9 +402,9 @@ def run(loop: Loop, resume_from: Path | None = None) -> Summary:
     state["tokens"] += int(window["tokens"])
     state["slots"] += int(window["slots"])
     seconds = time.perf_counter() - started
-    run_seconds = seconds - (state.get("seconds") or 0) if resumed_from is not None else seconds
-    return Summary(steps=step, first_loss=state["first_loss"], final_loss=state["last_loss"],
-                   eval_loss=state["eval_loss"], tokens=state["tokens"],
+    return Summary(steps=step, first_loss=state["first_loss"], final_loss=state["window_loss"],
+                   eval_loss=state["eval_loss"], initial_eval_loss=state.get("initial_eval_loss"),
+                   last_step_loss=state["last_loss"], tokens=state["tokens"],
                    tokens_per_s=state["tokens"] / max(seconds, 1e-9),
                    padding=1 - state["tokens"] / max(1, state["slots"]), peak_memory_gb=peak_memory_gb(loop.device),
                    seconds=seconds, resumed_from=resumed_from)

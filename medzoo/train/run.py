@@ -388,7 +388,8 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
         if loaded.skipped:
             echo(f"skipped {loaded.skipped} bad rows (--skip-bad-rows)")
         echo(f"first loss {summary.first_loss:.4f}, last loss {summary.final_loss:.4f}"
-             + (f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else "")
+             + (f", eval loss {summary.initial_eval_loss:.4f} -> {summary.eval_loss:.4f}"
+                if summary.eval_loss is not None and summary.initial_eval_loss is not None else "")
              + f"; {summary.steps} steps in {summary.seconds:.1f}s, {summary.tokens_per_s:.0f} tokens/s, "
                f"padding {summary.padding:.1%}, peak memory {summary.peak_memory_gb:.2f} GB")
     if world > 1:
@@ -460,7 +461,8 @@ def finish(run: dict, folder: Path, model, tokenizer, summary, name: str | None,
     registered, src, revision = modeling.base_source(run["base_model"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     figures = {"final train loss": _fmt(summary.final_loss), "first train loss": _fmt(summary.first_loss),
-               "eval loss": _fmt(summary.eval_loss), "steps": summary.steps,
+               "eval loss": _fmt(summary.eval_loss), "eval loss before training": _fmt(summary.initial_eval_loss),
+               "steps": summary.steps,
                "training examples": len(loaded.train), "held-out examples": len(loaded.val),
                "tokens/s": f"{summary.tokens_per_s:.0f}", "padding": f"{summary.padding:.1%}",
                "peak memory (GB)": f"{summary.peak_memory_gb:.2f}", "time (s)": f"{summary.seconds:.1f}",
@@ -480,7 +482,8 @@ def finish(run: dict, folder: Path, model, tokenizer, summary, name: str | None,
         "base_model": run["base_model"], "base_model_id": src, "base_revision": revision,
         "template": run["template"], "method_params": run["method_params"], "generation": run["generation"],
         "config_overrides": overrides, "source": f"train:{folder}", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "metrics": {"final_loss": summary.final_loss, "eval_loss": summary.eval_loss, "steps": summary.steps,
+        "metrics": {"final_loss": summary.final_loss, "last_step_loss": summary.last_step_loss,
+                    "eval_loss": summary.eval_loss, "steps": summary.steps,
                     "tokens_per_s": summary.tokens_per_s, "seconds": summary.seconds},
     }
     zoo.write_manifest(folder, manifest)
