@@ -25,14 +25,16 @@ def _overrides(pairs: tuple[str, ...]) -> dict:
     return out
 
 
-def _relaunch(nproc: int, params: dict, output_dir: Path) -> int:
+def _relaunch(nproc: int, ctx: click.Context, output_dir: Path) -> int:
     """Run this same command under torch.distributed.run with `nproc` processes (gloo on CPU, nccl on CUDA)."""
+    params = ctx.params
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "medzoo.cli", "train", params["recipe"], "--output-dir", str(output_dir)]
+    flags = {p.name: p.opts[0] for p in ctx.command.params if isinstance(p, click.Option)}
     for key, value in params.items():
         if key in ("recipe", "output_dir", "nproc", "dry_run") or value in (None, False, ()):
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = flags[key]
         if value is True:
             argv.append(flag)
         elif isinstance(value, tuple):
@@ -105,8 +107,7 @@ def command(recipe, base, data, sample, method, profile, epochs, lr, seed, val_s
         click.echo(train_run.dry_run_text(run), nl=False)
         return
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        params = click.get_current_context().params
-        raise SystemExit(_relaunch(nproc, params, folder))
+        raise SystemExit(_relaunch(nproc, click.get_current_context(), folder))
     from medzoo.train.loop import INTERRUPTED, Interrupted
 
     try:
