@@ -22,8 +22,13 @@ def make_all(base: Path, root: Path, seed: int = 1) -> dict:
     out = {}
 
     model = AutoModelForCausalLM.from_pretrained(base)
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj",
+                                                                                "down_proj"],
                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():  # strong enough to change greedy answers, so tuned and base can be told apart
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4)
     (root / "lora").mkdir()
     lora.save_pretrained(root / "lora" / "adapter")
     out["lora"] = _manifest(root / "lora", "lora", "peft")
