@@ -346,17 +346,20 @@ def test_freeze_layer_count_beyond_the_model_is_an_error(train_bases, tmp_path):
 
 
 # --- multi-process -------------------------------------------------------------------------------------------
-def test_two_gloo_processes_train_like_one(train_bases, tmp_path):
-    """--nproc 2 relaunches through torch.distributed.run (gloo on CPU); DDP with the step's examples split
-    over the ranks ends with the weights of one process training on all of them."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_train_like_one(strategy, train_bases, tmp_path):
+    """--nproc 2 relaunches through torch.distributed.run (gloo on CPU); DDP or FSDP with the step's examples
+    split over the ranks ends with the weights of one process training on all of them."""
     common = ["train", "bentsao", "--profile", "cpu-demo", "--base", str(train_bases["llama"]), "--data",
               "huatuo-kg*0.1", "--set", "batch=8", "--set", "micro_batch=2", "--set", "val_size=0",
               "--set", "dropout=0", "--max-steps", "3", "--quiet"]
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "medzoo.cli", *common, "--nproc", "2", "--output-dir",
-                           str(tmp_path / "ddp"), "--name", "ddp"], env=env, capture_output=True, text=True, timeout=500)
+    proc = subprocess.run([sys.executable, "-m", "medzoo.cli", *common, "--nproc", "2", "--strategy", strategy,
+                           "--set", "save_steps=2", "--output-dir", str(tmp_path / "ddp"), "--name", "ddp"],
+                          env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ddp" in zoo.entries()
+    assert "ddp" in zoo.entries() and proc.stdout.count("saved") == 1  # rank 0 alone writes and registers
+    assert (tmp_path / "ddp" / "checkpoints" / "step-2" / "trainable.safetensors").is_file()
     assert invoke(*common, "--output-dir", tmp_path / "one", "--name", "one").exit_code == 0
     from safetensors.torch import load_file
 

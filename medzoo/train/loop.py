@@ -111,25 +111,49 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _trainable(model) -> dict:
-    from medzoo.train.methods import trainable_state
+def is_sharded(model) -> bool:
+    """FSDP2 (fully_shard): parameters are DTensors, and every rank takes part in gathering them."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
-    return trainable_state(model)
+
+def gather_state(model, trainable_only: bool = True) -> dict:
+    """Full tensors of the (trainable) weights. Sharded models gather across ranks (collective: every rank
+    calls it; rank 0 gets the tensors); others are read directly."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
+    if trainable_only:
+        from medzoo.train.methods import trainable_state
+
+        return trainable_state(model)
+    return model.state_dict()
 
 
-def save_checkpoint(loop: Loop, step: int, opt, sched, scaler, rng: dict, state: dict) -> Path:
+def gather_optimizer(model, opt) -> dict:
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def save_checkpoint(loop: Loop, step: int, opt, sched, scaler, rng: dict, state: dict,
+                    tensors: dict | None = None, opt_state: dict | None = None) -> Path:
     """checkpoints/step-N, written to a temp folder and renamed: a crash never leaves a half checkpoint."""
     import torch
     from safetensors.torch import save_file
 
+    tensors = gather_state(loop.model) if tensors is None else tensors
+    opt_state = opt.state_dict() if opt_state is None else opt_state
     root = loop.folder / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
     try:
-        save_file({k: v.to("cpu").contiguous() for k, v in _trainable(loop.model).items()},
-                  str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
@@ -164,11 +188,18 @@ def load_checkpoint(loop: Loop, path: Path, opt, sched, scaler) -> tuple[dict, d
     missing = sorted(set(n for n, p in own.items() if p.requires_grad) - set(tensors))
     if missing:
         raise MedzooError(f"{path}: checkpoint does not match this run's trainable weights (missing {missing[0]!r})")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            own[name].copy_(tensor.to(own[name].device, own[name].dtype))
     states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    opt.load_state_dict(states["optimizer"])
+    if is_sharded(model):  # every rank reads the full tensors and keeps its shard
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(model, opt, states["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                own[name].copy_(tensor.to(own[name].device, own[name].dtype))
+        opt.load_state_dict(states["optimizer"])
     sched.load_state_dict(states["scheduler"])
     if scaler is not None and states.get("scaler"):
         scaler.load_state_dict(states["scaler"])
@@ -314,9 +345,10 @@ def run(loop: Loop, resume_from: Path | None = None) -> Summary:
 
     def checkpoint(at: int, rng: dict) -> Path | None:
         path = None
+        tensors, opt_state = gather_state(loop.model), gather_optimizer(loop.model, opt)  # collective when sharded
         if loop.rank == 0:
             state["seconds"] = time.perf_counter() - started
-            path = save_checkpoint(loop, at, opt, sched, scaler, rng, state)
+            path = save_checkpoint(loop, at, opt, sched, scaler, rng, state, tensors, opt_state)
         if loop.world > 1:
             import torch.distributed as dist
 
@@ -357,7 +389,8 @@ def run(loop: Loop, resume_from: Path | None = None) -> Summary:
                     window["slots"] += b.slots
             if scaler:
                 scaler.unscale_(opt)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float(t["max_grad_norm"])))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(t["max_grad_norm"]))
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if scaler:
                 scaler.step(opt)
                 scaler.update()

@@ -172,21 +172,24 @@ def trainable_state(model) -> dict:
     return {name: p.detach() for name, p in base.named_parameters() if p.requires_grad}
 
 
-def save_weights(model, tokenizer, method: str, folder: Path) -> str:
-    """Write the trained weights in the method's layout (docs/model-folder.md) and return the layout."""
+def save_weights(model, tokenizer, method: str, folder: Path, state: dict | None = None) -> str:
+    """Write the trained weights in the method's layout (docs/model-folder.md) and return the layout.
+    ``state``: the full state dict gathered from a sharded (FSDP) model; None reads the model itself."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     layout = layout_of(model, method)
     if hasattr(model, "module") and not hasattr(model, "config"):
         model = model.module  # DDP
+    kwargs = {"state_dict": state} if state is not None else {}
     if layout == "peft":
-        model.save_pretrained(str(folder / "adapter"), safe_serialization=True)
+        model.save_pretrained(str(folder / "adapter"), safe_serialization=True, **kwargs)
     elif layout in ("freeze", "prefix"):
-        base = _unwrap(model)
-        state = {n: p.detach().to("cpu").contiguous() for n, p in base.named_parameters() if p.requires_grad}
-        save_file(state, str(folder / ("trainable.safetensors" if layout == "freeze" else "prefix.safetensors")))
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        source = state if state is not None else {n: p for n, p in model.named_parameters()}
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in source.items() if n in trained}
+        save_file(tensors, str(folder / ("trainable.safetensors" if layout == "freeze" else "prefix.safetensors")))
     else:
-        model.save_pretrained(str(folder / "model"), safe_serialization=True, max_shard_size="2GB")
+        model.save_pretrained(str(folder / "model"), safe_serialization=True, max_shard_size="2GB", **kwargs)
     tokenizer.save_pretrained(str(folder / "tokenizer"))
     return layout

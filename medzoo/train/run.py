@@ -288,6 +288,16 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
     from medzoo.train import loop as train_loop
     from medzoo.train import methods
 
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars of tiny files are noise next to ours
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if not progress:
+        import datasets
+
+        datasets.disable_progress_bars()
     cat = host.catalog()
     folder = Path(folder)
     rank, world, local_rank = distributed()
@@ -383,8 +393,11 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
         for r in reporters:
             r.close()
     layout = methods.layout_of(model, run["method"])
+    full_state = None
+    if train_loop.is_sharded(model):  # FSDP: gather the full weights (every rank takes part) for rank 0 to save
+        full_state = train_loop.gather_state(model, trainable_only=False)
     if rank == 0:
-        layout = finish(run, folder, model, tokenizer, summary, name if register else None, loaded)
+        layout = finish(run, folder, model, tokenizer, summary, name if register else None, loaded, full_state)
         if loaded.skipped:
             echo(f"skipped {loaded.skipped} bad rows (--skip-bad-rows)")
         echo(f"first loss {summary.first_loss:.4f}, last loss {summary.final_loss:.4f}"
@@ -394,7 +407,7 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
                f"padding {summary.padding:.1%}, peak memory {summary.peak_memory_gb:.2f} GB")
     if world > 1:
         torch.distributed.barrier()
-    return Result(folder, name if register else None, summary, model, tokenizer, layout, loaded.skipped)
+    return Result(folder, name if register and rank == 0 else None, summary, model, tokenizer, layout, loaded.skipped)
 
 
 def wrap_distributed(model, strategy: str, device: str, local_rank: int):
@@ -447,12 +460,12 @@ def plot_loss(folder: Path) -> None:
     plt.close(fig)
 
 
-def finish(run: dict, folder: Path, model, tokenizer, summary, name: str | None, loaded) -> str:
+def finish(run: dict, folder: Path, model, tokenizer, summary, name: str | None, loaded, state=None) -> str:
     """Weights, card, loss curve, manifest last, then the zoo entry: a folder is a model only once complete."""
     from medzoo import cards, modeling, registry
     from medzoo.train import methods
 
-    layout = methods.save_weights(model, tokenizer, run["method"], folder)
+    layout = methods.save_weights(model, tokenizer, run["method"], folder, state)
     if layout == "full":
         tokenizer.save_pretrained(str(folder / "model"))
     plot_loss(folder)
