@@ -37,7 +37,8 @@ def base_for(recipe, bases):
     return bases["llama"] if arch == "llama" else bases["glm"]
 
 
-def quick_run(recipe, base, folder, method=None, data=None, overrides=None, max_steps=2, sample=True, **kw):
+def quick_run(recipe, base, folder, method=None, data=None, overrides=None, max_steps=2, sample=True, run_changes=None,
+              **kw):
     from medzoo.train import run as train_run
 
     cat = host.catalog()
@@ -45,6 +46,7 @@ def quick_run(recipe, base, folder, method=None, data=None, overrides=None, max_
     data = data or ",".join(f"{d}*0.05" for d in r.datasets)
     run = train_run.plan(recipe, method=method, profile="cpu-demo", base=str(base), data=data, sample=sample,
                          overrides={**QUICK, **(overrides or {})}, max_steps=max_steps)
+    run.update(run_changes or {})
     return train_run.execute(run, Path(folder), progress=False, echo=lambda m: None, **kw)
 
 
@@ -117,6 +119,10 @@ def test_native_chatglm_recipes_train_and_reload(recipe, method, train_bases, tm
     before = logits_of(result.model.eval(), ids)
     after = logits_of(load_model(str(tmp_path / "run"), device="cpu").model, ids)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    from medzoo.modeling import load_base
+
+    untrained = logits_of(load_base(str(train_bases["chatglm"]), device="cpu")[0].eval(), ids)
+    assert (untrained - after).abs().max() > 1e-4  # 10× the reload tolerance: the reload check can fail
 
 
 # --- packing -------------------------------------------------------------------------------------------------
@@ -173,6 +179,20 @@ def test_packing_and_padding_train_to_the_same_weights(train_bases, tmp_path):
 
     wa = load_file(str(tmp_path / "packed" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "padded" / "adapter" / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(train_bases, tmp_path):
+    a = quick_run("bentsao", train_bases["llama"], tmp_path / "plain", overrides={"dropout": 0.0}, max_steps=2)
+    b = quick_run("bentsao", train_bases["llama"], tmp_path / "gc", overrides={"dropout": 0.0}, max_steps=2,
+                  run_changes={"gradient_checkpointing": True}, register=False)
+    assert b.model.get_base_model().is_gradient_checkpointing
+    assert abs(a.summary.last_step_loss - b.summary.last_step_loss) < 1e-5
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "gc" / "adapter" / "adapter_model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 

@@ -84,7 +84,7 @@ def command(recipe, base, data, sample, method, profile, epochs, lr, seed, val_s
       medzoo train bentsao --profile cpu-demo
       medzoo train bentsao --profile cpu-demo --dry-run
       medzoo train bentsao --profile cpu-demo --set r=16 --set cutoff_len=128 --max-steps 5
-      medzoo train medqa-chatglm --method freeze --profile cpu-demo
+      medzoo train medqa-chatglm --method freeze --profile cpu-demo --set num_layer_trainable=1
       medzoo train bentsao --profile auto --data huatuo-kg,my.jsonl:0.5
       medzoo train bentsao --resume --output-dir runs/bentsao-20261121-101500
       medzoo train bentsao --profile cpu-demo --nproc 2
