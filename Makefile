@@ -8,9 +8,16 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 
+DEMO := bentsao-demo
+
+# the embedded default: BenTsao's LoRA on a tiny model built locally from the bundled sample (cpu-demo),
+# then one question to the trained adapter. Re-running replaces the previous demo run.
 demo: install
 	medzoo list
 	medzoo info bentsao
+	-@medzoo rm $(DEMO) >/dev/null 2>&1; rm -rf runs/$(DEMO)
+	medzoo train bentsao --profile cpu-demo --output-dir runs/$(DEMO) --name $(DEMO)
+	medzoo chat $(DEMO) -p "偏头痛有哪些常见症状？"
 
 test: install
 	PYTHON=$(PYTHON) bash tools/install-test-deps.sh

@@ -174,6 +174,10 @@ def validate_recipe(cat: Catalog, r: Recipe) -> str | None:
         return f"default_profile {r.default_profile!r} is not one of its profiles {sorted(r.profiles)}"
     if not cat.base_models[r.modern_base].native:
         return f"modern_base {r.modern_base!r} is not a native transformers model"
+    for p in r.profiles:
+        unknown_keys = sorted(set(cat.profiles[p].training) - set(TRAINING_KEYS))
+        if unknown_keys:
+            return f"profile {p!r} sets unknown training key {unknown_keys[0]!r}"
     bad = sorted(set(r.training) - set(TRAINING_KEYS))
     if bad:
         return f"unknown training key {bad[0]!r}; known: {', '.join(TRAINING_KEYS)}"

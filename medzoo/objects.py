@@ -104,6 +104,7 @@ class HardwareProfile:
     placement: str = "single"         # "single" | "model-parallel" (device_map over GPUs) | "ddp" | "fsdp"
     device: str = "cuda"              # "cuda" | "cpu"
     base_model: str | None = None     # replaces the recipe's base (cpu-demo trains a tiny local model)
+    training: Mapping[str, Any] = field(default_factory=dict)  # settings it imposes over the recipe's
     description: str = ""
 
 

@@ -84,6 +84,7 @@ def resolve(cat: Catalog, recipe: Recipe, method: str | None = None, profile: st
     profile_name = profile or recipe.default_profile
     prof = cat.get("profiles", profile_name)
     training = training_defaults(recipe)
+    training.update({k: v for k, v in prof.training.items() if k in training})
     params = method_params(cat, recipe, method)
     apply_overrides(training, params, overrides or {}, where)
     devices = prof.devices if prof.placement in ("ddp", "fsdp") else 1

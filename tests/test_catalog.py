@@ -279,8 +279,17 @@ def test_global_batch_is_kept_by_the_profile():
     r = CAT.recipes["bentsao"]
     for profile in r.profiles:
         t = recipes.resolve(CAT, r, profile=profile)["training"]
-        devices = CAT.profiles[profile].devices if CAT.profiles[profile].placement in ("ddp", "fsdp") else 1
-        assert t["micro_batch"] * t["grad_accum"] * devices == 128
+        prof = CAT.profiles[profile]
+        devices = prof.devices if prof.placement in ("ddp", "fsdp") else 1
+        assert t["micro_batch"] * t["grad_accum"] * devices == prof.training.get("batch", 128)
+
+
+def test_demo_profile_imposes_its_settings_but_the_user_wins():
+    r = CAT.recipes["bentsao"]
+    t = recipes.resolve(CAT, r, profile="cpu-demo")["training"]
+    assert (t["batch"], t["lr"], t["epochs"], t["grad_accum"]) == (16, 2e-3, 3, 2)
+    assert recipes.resolve(CAT, r, profile="cpu-demo", overrides={"lr": 1e-4})["training"]["lr"] == 1e-4
+    assert recipes.resolve(CAT, r, profile="a100-80gb")["training"]["lr"] == 3e-4
 
 
 def test_memory_estimate_orders_methods_sensibly():

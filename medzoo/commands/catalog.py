@@ -121,7 +121,7 @@ def recipe_info(cat, reg, r: Recipe) -> dict:
             "devices": prof.devices, "memory_gb": prof.memory_gb, "precision": prof.precision,
             "quantization": prof.quantization, "micro_batch": run["training"]["micro_batch"],
             "grad_accum": run["training"]["grad_accum"], "base_model": base.name,
-            "method": r.default_method, "estimate": est.as_dict()})
+            "method": r.default_method, "imposes": dict(prof.training), "estimate": est.as_dict()})
     info["card"] = None
     if r.card:
         meta, body = cards.read(cards.card_path(r))
@@ -207,6 +207,8 @@ def echo_info(info: dict) -> None:
         quant = f" {p['quantization']}" if p["quantization"] else ""
         e(f"  {p['name']}: {p['devices']}×{p['memory_gb']} GB {p['precision']}{quant}, micro-batch "
           f"{p['micro_batch']} × accumulation {p['grad_accum']}, base {p['base_model']}  [plugin {p['plugin']}]")
+        if p["imposes"]:
+            e("    sets " + ", ".join(f"{k}={v}" for k, v in p["imposes"].items()))
         e(f"    needs ≈ {est['total_gb']} GB of {est['budget_gb']} GB: weights {est['weights_gb']}, trainable "
           f"{est['trainable_gb']} ({est['trainable_params']:,} params), optimizer {est['optimizer_gb']}, "
           f"activations {est['activations_gb']}, overhead {est['overhead_gb']}"
