@@ -9,15 +9,16 @@ install:
 	$(PIP) install -q -e ".[test]"
 
 DEMO := bentsao-demo
+MEDZOO := $(PYTHON) -m medzoo
 
 # the embedded default: BenTsao's LoRA on a tiny model built locally from the bundled sample (cpu-demo),
 # then one question to the trained adapter. Re-running replaces the previous demo run.
 demo: install
-	medzoo list
-	medzoo info bentsao
-	-@medzoo rm $(DEMO) >/dev/null 2>&1; rm -rf runs/$(DEMO)
-	medzoo train bentsao --profile cpu-demo --output-dir runs/$(DEMO) --name $(DEMO)
-	medzoo chat $(DEMO) -p "偏头痛有哪些常见症状？"
+	$(MEDZOO) list
+	$(MEDZOO) info bentsao
+	-@$(MEDZOO) rm $(DEMO) >/dev/null 2>&1; rm -rf runs/$(DEMO)
+	$(MEDZOO) train bentsao --profile cpu-demo --output-dir runs/$(DEMO) --name $(DEMO)
+	$(MEDZOO) chat $(DEMO) -p "偏头痛有哪些常见症状？"
 
 test: install
 	PYTHON=$(PYTHON) bash tools/install-test-deps.sh
