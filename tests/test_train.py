@@ -2,6 +2,7 @@
 native ChatGLM-6B for ChatGLM recipes), packing equivalence, resume after a real signal, bad rows, dry runs.
 
 Everything is real: tiny models, the bundled sample data, the actual training loop, saving and loading."""
+import importlib.util
 import json
 import os
 import shutil
@@ -241,6 +242,8 @@ def test_sigint_saves_a_checkpoint_and_resume_equals_uninterrupted(train_bases, 
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)
     assert "cut" in zoo.entries()
+    again = invoke("train", "bentsao", "--resume", "--output-dir", folder, "--quiet")
+    assert again.exit_code == 2 and "finished run" in again.output
     # metrics of the resumed run continue the cut one without duplicates
     steps = [json.loads(l)["step"] for l in (folder / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(l)]
@@ -322,6 +325,11 @@ def test_bad_rows_are_named_or_skipped_and_counted(train_bases, tmp_path):
     ok = invoke(*args, "--output-dir", tmp_path / "b", "--skip-bad-rows")
     assert ok.exit_code == 0, ok.output
     assert "skipped 1 bad rows" in ok.output
+    taken = invoke(*args, "--output-dir", tmp_path / "b", "--skip-bad-rows")
+    assert taken.exit_code == 2 and "already holds a run" in taken.output
+    if importlib.util.find_spec("tensorboard") is None:
+        missing = invoke(*args, "--output-dir", tmp_path / "c", "--skip-bad-rows", "--report-to", "tensorboard")
+        assert missing.exit_code == 2 and "tensorboard is not installed" in missing.output
 
 
 # --- settings ------------------------------------------------------------------------------------------------
@@ -332,7 +340,9 @@ def test_dry_run_prints_the_resolved_run_and_memory_without_loading(tmp_path):
     run = yaml.safe_load(result.output)
     assert run["method_params"]["r"] == 16 and run["training"]["epochs"] == 2
     assert run["training"]["lr"] == 1e-4 and run["training"]["cutoff_len"] == 128
-    assert run["training"]["grad_accum"] * run["training"]["micro_batch"] == 128  # the recipe's global batch
+    assert run["training"]["grad_accum"] * run["training"]["micro_batch"] == run["training"]["batch"]
+    seed_run = yaml.safe_load(invoke("train", "bentsao", "--dry-run").output)  # a100-80gb: the seed's batch 128
+    assert seed_run["training"]["batch"] == 128 and seed_run["training"]["grad_accum"] == 128 // 16
     assert run["base_model"] == "medzoo-tiny" and run["memory_estimate_gb"]["fits"] is True
     assert not (tmp_path / "runs").exists()
     seed = yaml.safe_load(invoke("train", "medqa-chatglm", "--dry-run", "--method", "freeze").output)

@@ -306,6 +306,8 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
         device = f"cuda:{local_rank}" if world > 1 else "cuda"
     _check_hardware(cat, run, device)
     resume_from = None
+    if resume and (folder / zoo.MANIFEST).is_file():
+        raise MedzooError(f"--resume: {folder} is a finished run (it has {zoo.MANIFEST}); nothing to resume")
     if resume:
         checkpoints = train_loop.list_checkpoints(folder)
         if not checkpoints:
@@ -329,6 +331,8 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
             (folder / CONFIG).write_text(f"# medzoo train {run['recipe']} --config {folder / CONFIG}\n"
                                          + yaml.safe_dump(run, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
+    reporters = [Reporter(k, folder, run) for k in (report_to or "").split(",") if k and k != "none"] \
+        if rank == 0 else []
     load_dtype, amp = _precision(run, device)
     registered, src, _ = modeling.base_source(run["base_model"])
     chatglm = modeling._is_chatglm(registered, src)
@@ -374,8 +378,6 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
         strategy = strategy or (placement if placement in ("ddp", "fsdp") else "ddp")
         train_model = wrap_distributed(model, strategy, device, local_rank)
 
-    reporters = [Reporter(k, folder, run) for k in (report_to or "").split(",") if k and k != "none"] \
-        if rank == 0 else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lp = train_loop.Loop(model=train_model, train=loaded.train, val=loaded.val, training=run["training"],
                          folder=folder, pad_id=pad_id, device=device if placement != "model-parallel" else
