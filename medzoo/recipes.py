@@ -85,6 +85,8 @@ def resolve(cat: Catalog, recipe: Recipe, method: str | None = None, profile: st
     prof = cat.get("profiles", profile_name)
     training = training_defaults(recipe)
     training.update({k: v for k, v in prof.training.items() if k in training})
+    if "warmup_ratio" in prof.training and "warmup_steps" not in prof.training and "warmup_steps" in training:
+        training["warmup_steps"] = 0  # the profile's warm-up replaces the recipe's (QingGeng: 5000 steps)
     params = method_params(cat, recipe, method)
     apply_overrides(training, params, overrides or {}, where)
     devices = prof.devices if prof.placement in ("ddp", "fsdp") else 1
