@@ -78,6 +78,10 @@ def export(lm, out: Path, *, max_shard_size: str = "2GB", register: str | None =
                    "(config pre_seq_len); loadable by medzoo")
     else:
         message = f"exported the {method} model ({layout} layout) as one standalone model"
+    chatglm = getattr(getattr(model, "config", None), "model_type", None) == "chatglm"
+    if chatglm:  # ChatGLM-6B (v1) exists in transformers only as remote code, which medzoo does not run
+        message += ("; ChatGLM-6B has no class in transformers: call medzoo.chatglm.register() before "
+                    "AutoModelForCausalLM/AutoTokenizer.from_pretrained")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
@@ -101,7 +105,7 @@ def export(lm, out: Path, *, max_shard_size: str = "2GB", register: str | None =
         if adapter is not None:
             adapter.save_pretrained(tmp / "adapter")
         zoo.write_manifest(tmp, new_manifest)
-        (tmp / "README.md").write_text(card(lm, new_manifest, message), encoding="utf-8")
+        (tmp / "README.md").write_text(card(lm, new_manifest, message, chatglm=chatglm), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -135,7 +139,7 @@ def _write_generation_config(folder: Path, lm, generation: dict) -> None:
     GenerationConfig(**ids, **keep).save_pretrained(folder)
 
 
-def card(lm, manifest: dict, message: str) -> str:
+def card(lm, manifest: dict, message: str, chatglm: bool = False) -> str:
     t = lm.template
     example = t.render("偏头痛有哪些症状？")
     base = manifest.get("base_model_id")
@@ -147,6 +151,8 @@ def card(lm, manifest: dict, message: str) -> str:
     settings = ", ".join(f"{k}={v}" for k, v in manifest["generation"].items())
     load = ("AutoModelForCausalLM.from_pretrained(path)  # the base model only: the prefix needs medzoo"
             if manifest["layout"] == "peft" else "AutoModelForCausalLM.from_pretrained(path)")
+    register = ("from medzoo.chatglm import register\nregister()  # ChatGLM-6B (v1): medzoo's own classes, "
+                "no remote code\n" if chatglm else "")
     body = f"""
 # {lm.name} (exported by medzoo merge)
 
@@ -166,7 +172,7 @@ The model was trained on the `{t.name}` template and answers well only in it. A 
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-path = "path/to/this/folder"
+{register}path = "path/to/this/folder"
 tokenizer = AutoTokenizer.from_pretrained(path)
 model = {load}
 ```

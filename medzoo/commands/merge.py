@@ -53,7 +53,7 @@ def merge_cmd(model, out, max_shard_size, register, force, as_json, device, dtyp
     click.echo(f"wrote {result.folder}")
     if result.registered:
         click.echo(f"registered as {result.registered!r}: medzoo chat {result.registered}")
-    if not result.merged:
+    if not result.merged and (result.folder / "adapter").is_dir():  # a ChatGLM prefix is inside the weights
         click.echo("note: plain transformers loads only the base model from this folder; use medzoo to get the "
                    "tuned model", err=True)
 
