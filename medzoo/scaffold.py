@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import json
 import keyword
-import os
 import re
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from pprint import pformat
 
-from medzoo import host
+from medzoo import host, zoo
 from medzoo.objects import MedzooError
 
 NAME = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
@@ -203,15 +200,9 @@ def write(name: str, out_dir: Path, source=None) -> Path:
     if target.exists():
         raise MedzooError(f"{target}: already exists; choose another name or directory")
     files = render(name, source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".medzoo-{name}."))
-    try:
+    with zoo.atomic_dir(target) as tmp:
         for rel, text in files.items():
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -88,19 +86,10 @@ def build(out: Path, pretrain_steps: int = 120, seed: int = 0, texts: list[str] 
     model = LlamaForCausalLM(config)
     if pretrain_steps:
         _pretrain(model, tokenizer, texts, pretrain_steps, seed)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with zoo.atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "medzoo-tiny.json").write_text(json.dumps({"pretrain_steps": pretrain_steps, "seed": seed}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

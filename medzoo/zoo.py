@@ -48,6 +48,23 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 @contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a temp folder beside `final`; on success it replaces `final` in one rename, on any error (Ctrl-C
+    included) it is removed: nothing half-written ever stands at `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def _locked():
     home().mkdir(parents=True, exist_ok=True)
     with open(home() / ".zoo.lock", "w") as lock:

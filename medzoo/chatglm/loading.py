@@ -52,10 +52,6 @@ def register() -> None:
     _registered = True
 
 
-def medzoo_home() -> Path:
-    return Path(os.environ.get("MEDZOO_HOME") or Path.home() / ".cache" / "medzoo")
-
-
 def read_config(folder: str | os.PathLike, overrides: Mapping[str, Any] | None = None):
     """``ChatGLMConfig`` from ``folder/config.json`` (the original file or medzoo's), with ``overrides`` applied."""
     from medzoo.chatglm.configuration import ChatGLMConfig
@@ -210,7 +206,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
         raise MedzooError(f"{path_or_repo_id}: no weights ({BIN_INDEX}, {BIN_SINGLE}, {ST_INDEX} or {ST_SINGLE})")
     if kind == "safetensors":
         return folder
-    target = medzoo_home() / "converted" / f"{name}@{tag}"
+    from medzoo.zoo import home
+
+    target = home() / "converted" / f"{name}@{tag}"
     if not (target / CONFIG_FILE).is_file():
         convert_checkpoint(folder, target)
     return target

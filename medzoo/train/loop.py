@@ -15,12 +15,12 @@ import random
 import resource
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from medzoo import zoo
 from medzoo.objects import MedzooError
 from medzoo.train import batching, optim
 
@@ -147,22 +147,13 @@ def save_checkpoint(loop: Loop, step: int, opt, sched, scaler, rng: dict, state:
 
     tensors = gather_state(loop.model) if tensors is None else tensors
     opt_state = opt.state_dict() if opt_state is None else opt_state
-    root = loop.folder / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
-    try:
+    final = loop.folder / CHECKPOINTS / f"step-{step}"
+    with zoo.atomic_dir(final) as tmp:
         save_file({k: v.to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     keep = int(loop.training.get("save_total_limit") or 0)
     if keep > 0:
         for old in list_checkpoints(loop.folder)[:-keep]:
@@ -188,7 +179,8 @@ def load_checkpoint(loop: Loop, path: Path, opt, sched, scaler) -> tuple[dict, d
     missing = sorted(set(n for n, p in own.items() if p.requires_grad) - set(tensors))
     if missing:
         raise MedzooError(f"{path}: checkpoint does not match this run's trainable weights (missing {missing[0]!r})")
-    states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    # a run folder may come from elsewhere: tensors and plain containers only, never arbitrary pickles
+    states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     if is_sharded(model):  # every rank reads the full tensors and keeps its shard
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
@@ -203,7 +195,7 @@ def load_checkpoint(loop: Loop, path: Path, opt, sched, scaler) -> tuple[dict, d
     sched.load_state_dict(states["scheduler"])
     if scaler is not None and states.get("scaler"):
         scaler.load_state_dict(states["scaler"])
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    rng = torch.load(path / "rng.pt", weights_only=True)
     return json.loads((path / "state.json").read_text()), rng
 
 
