@@ -506,6 +506,12 @@ def test_tokenizer_image_token_offset(vocab_file, tokenizer):
     assert old.decode(old(text, add_special_tokens=False)["input_ids"]) == text
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing(tokenizer):
+    ids = tokenizer("头痛 fever", add_special_tokens=False).input_ids
+    past = tokenizer.num_image_tokens + tokenizer.sp.get_piece_size()
+    assert tokenizer.decode(ids + [past, past + 100]) == tokenizer.decode(ids)
+
+
 def test_tokenizer_left_padding_and_save_reload(tmp_path, tokenizer):
     from medzoo.chatglm.tokenization import ChatGLMTokenizer
 

@@ -115,7 +115,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs) -> str:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        token_ids = [i for i in token_ids if i != self.pad_token_id]
+        # the model's embedding is larger than ice_text.model (130528 vs. the pieces it has): an id past the
+        # last piece has no text, and decoding it must not end a streamed answer with an error
+        size = self.num_image_tokens + self.sp.get_piece_size()
+        token_ids = [i for i in token_ids if i != self.pad_token_id and 0 <= i < size]
         return super()._decode(token_ids, skip_special_tokens=skip_special_tokens,
                                clean_up_tokenization_spaces=False, **kwargs)
 
