@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -664,43 +663,32 @@ def pull(spec: str, *, revision: str | None = None, method: str | None = None, n
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and not (existing and Path(existing["path"]) == dest) and any(dest.iterdir()):
         raise MedzooError(f"{dest} exists and is not this model's folder; choose another --local-dir or --name")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
-        written, ignored = convert(snapshot, ident, tmp)
-        r = cat.recipes[ident.recipe]
-        manifest = {
-            "format": 1, "recipe": ident.recipe, "method": ident.method, "layout": ident.layout,
-            "base_model": ident.base_model, "base_model_id": ident.base_model_id,
-            "base_revision": ident.base_revision, "template": ident.template,
-            "method_params": ident.method_params, "generation": dict(r.generation),
-            "config_overrides": ident.config_overrides, "source": source,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "ignored": [{"file": f, "why": why} for f, why in ignored],
-        }
-        if ident.layout == "medzoo":
-            original = json.loads((snapshot / "medzoo.json").read_text(encoding="utf-8"))
-            manifest["layout"] = original.get("layout", "peft")
-            manifest["generation"] = original.get("generation") or manifest["generation"]
-            manifest["trained_from"] = original.get("source")
-            for key in ("created", "format"):
-                manifest[key] = original.get(key, manifest[key])
-        (tmp / "README.md").write_text(pulled_card(snapshot, ident, cat, reg, source, ignored), encoding="utf-8")
-        _check_complete(tmp, manifest)
-        zoo.write_manifest(tmp, manifest)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with zoo.atomic_dir(dest) as tmp:
+            written, ignored = convert(snapshot, ident, tmp)
+            r = cat.recipes[ident.recipe]
+            manifest = {
+                "format": 1, "recipe": ident.recipe, "method": ident.method, "layout": ident.layout,
+                "base_model": ident.base_model, "base_model_id": ident.base_model_id,
+                "base_revision": ident.base_revision, "template": ident.template,
+                "method_params": ident.method_params, "generation": dict(r.generation),
+                "config_overrides": ident.config_overrides, "source": source,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "ignored": [{"file": f, "why": why} for f, why in ignored],
+            }
+            if ident.layout == "medzoo":
+                original = json.loads((snapshot / "medzoo.json").read_text(encoding="utf-8"))
+                manifest["layout"] = original.get("layout", "peft")
+                manifest["generation"] = original.get("generation") or manifest["generation"]
+                manifest["trained_from"] = original.get("source")
+                for key in ("created", "format"):
+                    manifest[key] = original.get(key, manifest[key])
+            (tmp / "README.md").write_text(pulled_card(snapshot, ident, cat, reg, source, ignored), encoding="utf-8")
+            _check_complete(tmp, manifest)
+            zoo.write_manifest(tmp, manifest)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise MedzooError(f"disk full while writing {dest}: free space or set MEDZOO_HOME elsewhere") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     zoo.register(name, dest, replace=True)
     return PullResult(name, dest, manifest, files_of(dest), ignored, ident.evidence)

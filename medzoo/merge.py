@@ -15,9 +15,6 @@ interrupted export never leaves a folder that looks complete.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,37 +80,30 @@ def export(lm, out: Path, *, max_shard_size: str = "2GB", register: str | None =
         message += ("; ChatGLM-6B has no class in transformers: call medzoo.chatglm.register() before "
                     "AutoModelForCausalLM/AutoTokenizer.from_pretrained")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        lm.tokenizer.save_pretrained(tmp)
-        generation = _generation(lm)
-        _write_generation_config(tmp, lm, generation)
-        new_manifest = {
-            "format": 1, "recipe": manifest.get("recipe"), "method": method,
-            "layout": "full" if adapter is None else "peft",
-            "base_model": manifest.get("base_model") if adapter is None else str(out),
-            "base_model_id": manifest.get("base_model_id") or manifest.get("base_model"),
-            "base_revision": manifest.get("base_revision"),
-            "template": lm.template.name, "method_params": manifest.get("method_params") or {},
-            "generation": generation,
-            "config_overrides": (manifest.get("config_overrides") or {}) if layout == "prefix" else {},
-            "source": f"merge:{manifest.get('source') or lm.name}", "merged": merged,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        if adapter is not None:
-            adapter.save_pretrained(tmp / "adapter")
-        zoo.write_manifest(tmp, new_manifest)
-        (tmp / "README.md").write_text(card(lm, new_manifest, message, chatglm=chatglm), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, ValueError):  # e.g. a --max-shard-size transformers cannot parse
-            raise MedzooError(f"export to {out} failed, nothing written: {str(exc).splitlines()[0]}") from None
-        raise
+        with zoo.atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+            lm.tokenizer.save_pretrained(tmp)
+            generation = _generation(lm)
+            _write_generation_config(tmp, lm, generation)
+            new_manifest = {
+                "format": 1, "recipe": manifest.get("recipe"), "method": method,
+                "layout": "full" if adapter is None else "peft",
+                "base_model": manifest.get("base_model") if adapter is None else str(out),
+                "base_model_id": manifest.get("base_model_id") or manifest.get("base_model"),
+                "base_revision": manifest.get("base_revision"),
+                "template": lm.template.name, "method_params": manifest.get("method_params") or {},
+                "generation": generation,
+                "config_overrides": (manifest.get("config_overrides") or {}) if layout == "prefix" else {},
+                "source": f"merge:{manifest.get('source') or lm.name}", "merged": merged,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            if adapter is not None:
+                adapter.save_pretrained(tmp / "adapter")
+            zoo.write_manifest(tmp, new_manifest)
+            (tmp / "README.md").write_text(card(lm, new_manifest, message, chatglm=chatglm), encoding="utf-8")
+    except ValueError as exc:  # e.g. a --max-shard-size transformers cannot parse
+        raise MedzooError(f"export to {out} failed, nothing written: {str(exc).splitlines()[0]}") from None
     result = Export(out, merged, method, message)
     if register:
         zoo.register(register, out, replace=replace)

@@ -49,16 +49,21 @@ def write_json_atomic(path: Path, data) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path):
-    """Yield a temp folder beside `final`; on success it replaces `final` in one rename, on any error (Ctrl-C
-    included) it is removed: nothing half-written ever stands at `final`."""
+    """Yield a temp folder beside `final`; on success it takes `final`'s place by rename (an old `final` is moved
+    aside first and removed after, so a folder stands there at every moment), on any error (Ctrl-C included)
+    it is removed: nothing half-written ever stands at `final`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:
         yield tmp
+        old = None
         if final.exists():
-            shutil.rmtree(final)
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
