@@ -35,6 +35,8 @@ def _strings(value):
 
 def corpus() -> list[str]:
     """Every text of the built-in samples and prompt templates, in a fixed order."""
+    from medzoo.data.load import read_rows
+
     texts = []
     root = resources.files("medzoo_plugins")
     for plugin in sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
@@ -42,13 +44,7 @@ def corpus() -> list[str]:
         if not data.is_dir():
             continue
         for f in sorted(data.iterdir(), key=lambda p: p.name):
-            raw = f.read_text(encoding="utf-8")
-            try:
-                texts.extend(_strings(json.loads(raw)))
-            except ValueError:  # JSON lines
-                for line in raw.splitlines():
-                    if line.strip():
-                        texts.extend(_strings(json.loads(line)))
+            texts.extend(text for _, row in read_rows(Path(str(f))) if isinstance(row, dict) for text in _strings(row))
     from medzoo.host import catalog
 
     for template in catalog().templates.values():
