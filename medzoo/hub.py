@@ -211,6 +211,7 @@ class Identified:
     config_overrides: dict = field(default_factory=dict)
     tensors: dict | None = None          # state-dict layouts: normalised name -> tensor
     evidence: list = field(default_factory=list)  # how each fact was found, for the report
+    manifest: dict | None = None         # a medzoo-pushed repo's own medzoo.json
 
 
 def files_of(folder: Path) -> list[str]:
@@ -327,7 +328,7 @@ def identify(folder: Path, target: Target, cat, *, base: str | None = None, reci
     manifest = None
     if "medzoo.json" in files:
         layout = "medzoo"
-        manifest = json.loads((folder / "medzoo.json").read_text(encoding="utf-8"))
+        manifest = zoo.read_manifest(folder)
     elif _find(files, "adapter_config.json", "adapter/adapter_config.json"):
         layout = "peft"
         path = folder / _find(files, "adapter_config.json", "adapter/adapter_config.json")
@@ -451,7 +452,7 @@ def identify(folder: Path, target: Target, cat, *, base: str | None = None, reci
 
     ident = Identified(layout=layout, recipe=recipe_name, method=method, base_model=base_name,
                        base_model_id=base_id or base_name, base_revision=base_rev, template=template,
-                       evidence=evidence)
+                       evidence=evidence, manifest=manifest)
     from medzoo import recipes as recipes_mod
 
     try:
@@ -677,7 +678,7 @@ def pull(spec: str, *, revision: str | None = None, method: str | None = None, n
                 "ignored": [{"file": f, "why": why} for f, why in ignored],
             }
             if ident.layout == "medzoo":
-                original = json.loads((snapshot / "medzoo.json").read_text(encoding="utf-8"))
+                original = ident.manifest
                 manifest["layout"] = original.get("layout", "peft")
                 manifest["generation"] = original.get("generation") or manifest["generation"]
                 manifest["trained_from"] = original.get("source")
