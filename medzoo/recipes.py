@@ -77,6 +77,13 @@ def apply_overrides(training: dict, params: dict, overrides: dict, where: str = 
             raise MedzooError(f"{where}: {unknown('setting', key, choices)}")
 
 
+def _warmup_layer(training: dict, layer) -> None:
+    """Warm-up is one setting written two ways, and steps > 0 win over a ratio: so a layer (profile, user)
+    that gives only `warmup_ratio` also drops the steps an earlier layer set (QingGeng's 5000)."""
+    if "warmup_ratio" in layer and "warmup_steps" not in layer:
+        training["warmup_steps"] = 0
+
+
 def resolve(cat: Catalog, recipe: Recipe, method: str | None = None, profile: str | None = None,
             overrides: dict | None = None, where: str = "--set") -> dict[str, Any]:
     """The full resolved settings of a run, as a plain dict (what `train --dry-run` prints and runs save)."""
@@ -85,10 +92,10 @@ def resolve(cat: Catalog, recipe: Recipe, method: str | None = None, profile: st
     prof = cat.get("profiles", profile_name)
     training = training_defaults(recipe)
     training.update({k: v for k, v in prof.training.items() if k in training})
-    if "warmup_ratio" in prof.training and "warmup_steps" not in prof.training and "warmup_steps" in training:
-        training["warmup_steps"] = 0  # the profile's warm-up replaces the recipe's (QingGeng: 5000 steps)
+    _warmup_layer(training, prof.training)
     params = method_params(cat, recipe, method)
     apply_overrides(training, params, overrides or {}, where)
+    _warmup_layer(training, overrides or {})
     devices = prof.devices if prof.placement in ("ddp", "fsdp") else 1
     micro = training["micro_batch"] or prof.micro_batch
     if training["grad_accum"] is None:

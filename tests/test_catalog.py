@@ -292,6 +292,15 @@ def test_demo_profile_imposes_its_settings_but_the_user_wins():
     assert recipes.resolve(CAT, r, profile="a100-80gb")["training"]["lr"] == 3e-4
 
 
+def test_a_users_warmup_ratio_replaces_the_recipes_warmup_steps():
+    q = CAT.recipes["qinggeng"]
+    t = recipes.resolve(CAT, q, overrides={"warmup_ratio": 0.1})["training"]
+    assert (t["warmup_steps"], t["warmup_ratio"]) == (0, 0.1)
+    both = recipes.resolve(CAT, q, overrides={"warmup_ratio": 0.1, "warmup_steps": 10})["training"]
+    assert (both["warmup_steps"], both["warmup_ratio"]) == (10, 0.1)
+    assert recipes.resolve(CAT, q)["training"]["warmup_steps"] == 5000
+
+
 def test_memory_estimate_orders_methods_sensibly():
     base, prof = CAT.base_models["llama-7b"], CAT.profiles["a100-80gb"]
     training = {"cutoff_len": 256, "micro_batch": 4}
