@@ -499,7 +499,8 @@ def finish(run: dict, folder: Path, model, tokenizer, summary, name: str | None,
         "config_overrides": overrides, "source": f"train:{folder}", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "metrics": {"final_loss": summary.final_loss, "last_step_loss": summary.last_step_loss,
                     "eval_loss": summary.eval_loss, "steps": summary.steps,
-                    "tokens_per_s": summary.tokens_per_s, "seconds": summary.seconds},
+                    "tokens": summary.tokens, "tokens_per_s": summary.tokens_per_s, "padding": summary.padding,
+                    "seconds": summary.seconds},
     }
     zoo.write_manifest(folder, manifest)
     if name:
