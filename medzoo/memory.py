@@ -63,34 +63,74 @@ def trainable_parameters(base: BaseModel, method: str, params: dict) -> int:
     return int(base.params_b * 1e9)  # full
 
 
+def layer_activation_bytes(base: BaseModel, method: str, params: dict, s: int) -> float:
+    """Bytes one decoder layer keeps for backward per token, in half precision.
+
+    A frozen layer under SDPA (LoRA, QLoRA, P-Tuning v2 on a native model) keeps what its norms (fp32 copies),
+    attention kernel (q, k, v, output) and gated MLP (gate, activation, up) need: 12h + 4kv + 6i bytes, plus
+    6 bytes per input feature of each LoRA target (dropout mask and output, the adapter's input); a layer
+    whose MLP Freeze trains also keeps the MLP's inputs (2h + 2i). Measured
+    on fake tensors at the real shapes (medzoo.memtrace, bench/memory_check.py). Layers with trainable
+    weights otherwise (full), and ChatGLM-6B's eager attention (which keeps the s² scores), take Korthikanti et al.'s
+    34·h + 5·a·s per token."""
+    h, kv = base.hidden, base.kv_heads * (base.hidden // base.heads)
+    frozen = "r" in params or ("pre_seq_len" in params and base.architecture != "chatglm")
+    if base.architecture != "chatglm" and "num_layer_trainable" in params and "r" not in params:
+        return 14 * h + 4 * kv + 8 * base.intermediate  # Freeze's MLP layers: + the MLP's own inputs
+    if not frozen or base.architecture == "chatglm":
+        return h * (34 + 5 * base.heads * s / h)
+    inputs = {"down_proj": base.intermediate, "dense_4h_to_h": base.intermediate}
+    targets = params.get("target_modules", ["q_proj", "v_proj"]) if "r" in params else []
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",")]
+    lora = sum(6 * inputs.get(t, h) for t in targets)
+    return 12 * h + 4 * kv + 6 * base.intermediate + lora
+
+
+def active_layers(base: BaseModel, method: str, params: dict) -> int:
+    """Layers whose activations are kept for backward: Freeze needs none below its first trained layer."""
+    if "num_layer_trainable" in params and "r" not in params:
+        return min(base.layers, int(params.get("num_layer_trainable", 3)))
+    return base.layers
+
+
 def estimate(base: BaseModel, profile: HardwareProfile, method: str, params: dict, training: dict) -> MemoryEstimate:
+    """The peak of a training step is the larger of two moments: the end of forward/backward (activations
+    kept for backward) and the optimizer step (every gradient, plus AdamW's foreach temporaries, one fp32
+    tensor per trainable parameter). medzoo.memtrace measures both at the real shape (bench/memory_check.py)."""
     n = base.params_b * 1e9
     half = profile.precision != "fp32"
     split = profile.devices if profile.placement in ("model-parallel", "fsdp") else 1
     trainable = trainable_parameters(base, method, params)
-    if trainable >= n:  # full tuning: fp32 master weights (+ a half-precision working copy) and gradients
-        weights = n * (4 + (2 if half else 0))
-        trainable_bytes = trainable * (2 if half else 4)
+    if trainable >= n:  # full tuning: fp32 master weights (bf16 autocast computes from them) + fp32 gradients
+        weights = n * 4
+        trainable_bytes = trainable * 4  # the gradients; the weights are counted above
     else:  # frozen base at the profile's precision or quantization; fp32 trainable weights + grads
         weights = n * (BYTES[profile.quantization] if profile.quantization else BYTES[profile.precision])
         trainable_bytes = trainable * 8
     weights /= split
     trainable_bytes /= split
-    states = OPTIMIZER_STATES.get(str(training.get("optimizer", "adamw")).lower(), 2)
+    optimizer_name = str(training.get("optimizer", "adamw")).lower()
+    states = OPTIMIZER_STATES.get(optimizer_name, 2)
     optimizer = trainable * 4 * states / split
+    step_temporaries = trainable * 4 / split if states else 0  # foreach AdamW/Lion: one fp32 tensor a parameter
 
     s = int(training.get("cutoff_len") or 512)
     b = int(training.get("micro_batch") or profile.micro_batch)
-    h, a, layers = base.hidden, base.heads, base.layers
+    layers = active_layers(base, method, params)
     act_bytes = 2 if half else 4
-    per_layer = s * b * h * (34 + 5 * a * s / h) * act_bytes / 2
-    if profile.gradient_checkpointing:
-        acts = layers * s * b * h * act_bytes + per_layer
+    prefix_peft = "pre_seq_len" in params and "r" not in params and base.architecture != "chatglm"
+    checkpointing = profile.gradient_checkpointing and not prefix_peft  # see medzoo.train.methods
+    per_layer = s * b * layer_activation_bytes(base, method, params, s) * act_bytes / 2
+    if checkpointing:
+        acts = layers * s * b * base.hidden * act_bytes + per_layer
     else:
         acts = layers * per_layer
-    acts += s * b * base.vocab * 4 * 2  # fp32 logits and their gradient
+    acts += s * b * base.vocab * 12  # logits (half), their fp32 copy for the loss and its gradient (measured)
     acts /= split
     overhead = CONTEXT_GB if profile.device == "cuda" else 0.25
-    total = (weights + trainable_bytes + optimizer + acts) / GB + overhead
+    backward = weights + trainable_bytes + optimizer + acts
+    step = weights + trainable_bytes + optimizer + step_temporaries
+    total = max(backward, step) / GB + overhead
     return MemoryEstimate(weights / GB, trainable, trainable_bytes / GB, optimizer / GB, acts / GB, overhead,
                           total, profile.memory_gb, total <= profile.memory_gb)

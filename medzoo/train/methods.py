@@ -156,6 +156,18 @@ def apply_full(model, params: dict, run: dict):
     return model
 
 
+def gradient_checkpointing(model, run: dict) -> tuple[bool, str | None]:
+    """(use gradient checkpointing, why not where the profile asked for it). transformers drops the
+    past_key_values under gradient checkpointing, and peft's P-Tuning v2 passes its prefixes as exactly
+    that: the step would fail on a mask/key length mismatch."""
+    if not run["gradient_checkpointing"]:
+        return False, None
+    if run["method"] == "ptuning-v2" and layout_of(model, "ptuning-v2") == "peft":
+        return False, (f"profile {run['profile']!r} asks for gradient checkpointing, but peft's P-Tuning v2 "
+                       "prefixes are dropped under it by transformers; training without it (more activation memory)")
+    return True, None
+
+
 def layout_of(model, method: str) -> str:
     if method == "full":
         return "full"

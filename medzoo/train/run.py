@@ -149,14 +149,23 @@ def base_shape(run: dict) -> BaseModel | None:
     config = Path(run["base_model"]) / "config.json"
     if not config.is_file():
         return None
-    c = json.loads(config.read_text())
+    return base_from_config(json.loads(config.read_text()), config.parent.name, str(config.parent))
+
+
+def base_from_config(c: dict, name: str, source: str) -> BaseModel:
+    """The BaseModel facts of a transformers config (Llama-style and ChatGLM keys)."""
     h, L = c.get("hidden_size", 0), c.get("num_hidden_layers") or c.get("num_layers", 0)
-    inter, v = c.get("intermediate_size") or c.get("ffn_hidden_size") or 4 * h, c.get("vocab_size") or c.get("padded_vocab_size", 0)
+    inter = c.get("intermediate_size") or c.get("ffn_hidden_size") or c.get("inner_hidden_size") or 4 * h
+    v = c.get("vocab_size") or c.get("padded_vocab_size", 0)
+    mlp = 2 if c.get("model_type") == "chatglm" else 3  # ChatGLM-6B's GELU MLP has two matrices
     heads = c.get("num_attention_heads", 1)
-    kv = c.get("num_key_value_heads") or heads
-    params = L * (4 * h * h + 3 * h * inter) + 2 * v * h
-    return BaseModel(str(config.parent.name), str(config.parent), c.get("model_type", "?"), params / 1e9, L, h, inter,
-                     heads, kv, v, mlp_matrices=3)
+    kv = c.get("num_key_value_heads") or c.get("multi_query_group_num") or heads
+    head_dim = c.get("head_dim") or h // heads
+    attention = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h  # q, k, v, o
+    embeddings = v * h * (1 if c.get("tie_word_embeddings") else 2)
+    params = L * (attention + mlp * h * inter) + embeddings
+    return BaseModel(name, source, c.get("model_type", "?"), params / 1e9, L, h, inter, heads, kv, v,
+                     mlp_matrices=mlp)
 
 
 def estimate(run: dict):
@@ -367,7 +376,10 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
             attention = "flash_attention_2"
         except Exception:
             pass
-    if run["gradient_checkpointing"]:
+    checkpointing, note = methods.gradient_checkpointing(model, run)
+    if note and rank == 0:
+        echo(f"note: {note}")
+    if checkpointing:
         inner.config.use_cache = False
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     packing = bool(run["training"].get("packing", True))
