@@ -321,18 +321,18 @@ def read_medzoo_metrics(run: Path) -> dict:
 
 def estimate_for(base: Path, method: str, device: str, micro: int, n_freeze: int):
     """What `medzoo info` / `medzoo train --dry-run` estimate for this base, method and profile."""
-    from medzoo import host, memory
+    from medzoo import host
     from medzoo.recipes import resolve as resolve_run
-    from medzoo.train.run import base_shape
+    from medzoo.train.run import estimate
 
     cat = host.catalog()
     sets = {"micro_batch": micro, "cutoff_len": CUTOFF}
     if method == "freeze":
         sets["num_layer_trainable"] = n_freeze
-    run = resolve_run(cat, cat.recipes[recipe_for(method)], method=method, profile=medzoo_profile(method, device), overrides=sets)
+    run = resolve_run(cat, cat.recipes[recipe_for(method)], method=method, profile=medzoo_profile(method, device),
+                      overrides=sets)
     run["base_model"] = str(base)
-    return memory.estimate(base_shape(run), cat.profiles[run["profile"]], method, run["method_params"],
-                           run["training"])
+    return estimate(run)
 
 
 def card_gb() -> float:

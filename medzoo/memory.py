@@ -63,22 +63,33 @@ def trainable_parameters(base: BaseModel, method: str, params: dict) -> int:
     return int(base.params_b * 1e9)  # full
 
 
+def _freezes(params: dict) -> bool:
+    """Freeze's hyper-parameters: only the last layers' named modules train."""
+    return "num_layer_trainable" in params and "r" not in params
+
+
+def _peft_prefix(base: BaseModel, params: dict) -> bool:
+    """P-Tuning v2 through peft (ChatGLM-6B has its own prefix encoder)."""
+    return "pre_seq_len" in params and "r" not in params and base.architecture != "chatglm"
+
+
 def layer_activation_bytes(base: BaseModel, method: str, params: dict, s: int) -> float:
     """Bytes one decoder layer keeps for backward per token, in half precision.
 
     A frozen layer under SDPA (LoRA, QLoRA, P-Tuning v2 on a native model) keeps what its norms (fp32 copies),
     attention kernel (q, k, v, output) and gated MLP (gate, activation, up) need: 12h + 4kv + 6i bytes, plus
     6 bytes per input feature of each LoRA target (dropout mask and output, the adapter's input); a layer
-    whose MLP Freeze trains also keeps the MLP's inputs (2h + 2i). Measured
-    on fake tensors at the real shapes (medzoo.memtrace, bench/memory_check.py). Layers with trainable
-    weights otherwise (full), and ChatGLM-6B's eager attention (which keeps the s² scores), take Korthikanti et al.'s
-    34·h + 5·a·s per token."""
+    whose MLP Freeze trains also keeps the MLP's inputs (2h + 2i). Measured on fake tensors at the real
+    shapes (medzoo.memtrace, bench/memory_check.py). ChatGLM-6B's eager attention (which keeps the s²
+    scores) and layers whose every weight trains (full) take Korthikanti et al.'s 34·h + 5·a·s per token."""
     h, kv = base.hidden, base.kv_heads * (base.hidden // base.heads)
-    frozen = "r" in params or ("pre_seq_len" in params and base.architecture != "chatglm")
-    if base.architecture != "chatglm" and "num_layer_trainable" in params and "r" not in params:
-        return 14 * h + 4 * kv + 8 * base.intermediate  # Freeze's MLP layers: + the MLP's own inputs
-    if not frozen or base.architecture == "chatglm":
-        return h * (34 + 5 * base.heads * s / h)
+    korthikanti = h * (34 + 5 * base.heads * s / h)
+    if base.architecture == "chatglm":
+        return korthikanti
+    if _freezes(params):
+        return 14 * h + 4 * kv + 8 * base.intermediate
+    if "r" not in params and not _peft_prefix(base, params):
+        return korthikanti
     inputs = {"down_proj": base.intermediate, "dense_4h_to_h": base.intermediate}
     targets = params.get("target_modules", ["q_proj", "v_proj"]) if "r" in params else []
     if isinstance(targets, str):
@@ -89,7 +100,7 @@ def layer_activation_bytes(base: BaseModel, method: str, params: dict, s: int) -
 
 def active_layers(base: BaseModel, method: str, params: dict) -> int:
     """Layers whose activations are kept for backward: Freeze needs none below its first trained layer."""
-    if "num_layer_trainable" in params and "r" not in params:
+    if _freezes(params):
         return min(base.layers, int(params.get("num_layer_trainable", 3)))
     return base.layers
 
@@ -110,8 +121,7 @@ def estimate(base: BaseModel, profile: HardwareProfile, method: str, params: dic
         trainable_bytes = trainable * 8
     weights /= split
     trainable_bytes /= split
-    optimizer_name = str(training.get("optimizer", "adamw")).lower()
-    states = OPTIMIZER_STATES.get(optimizer_name, 2)
+    states = OPTIMIZER_STATES.get(str(training.get("optimizer", "adamw")).lower(), 2)
     optimizer = trainable * 4 * states / split
     step_temporaries = trainable * 4 / split if states else 0  # foreach AdamW/Lion: one fp32 tensor a parameter
 
@@ -119,8 +129,7 @@ def estimate(base: BaseModel, profile: HardwareProfile, method: str, params: dic
     b = int(training.get("micro_batch") or profile.micro_batch)
     layers = active_layers(base, method, params)
     act_bytes = 2 if half else 4
-    prefix_peft = "pre_seq_len" in params and "r" not in params and base.architecture != "chatglm"
-    checkpointing = profile.gradient_checkpointing and not prefix_peft  # see medzoo.train.methods
+    checkpointing = profile.gradient_checkpointing and not _peft_prefix(base, params)  # medzoo.train.methods
     per_layer = s * b * layer_activation_bytes(base, method, params, s) * act_bytes / 2
     if checkpointing:
         acts = layers * s * b * base.hidden * act_bytes + per_layer

@@ -26,8 +26,8 @@ class Trace:
     weights_gb: float     # parameters and buffers before the first step
     after_step_gb: float  # what stays between steps: weights, optimizer state (gradients freed)
     trainable_params: int
-    forward_backward_gb: float = 0.0  # the last step's peak during forward and backward
-    optimizer_gb: float = 0.0         # its peak during the optimizer step
+    forward_backward_gb: float  # the last step's peak during forward and backward
+    optimizer_gb: float         # its peak during the optimizer step
 
 
 class _Live:
@@ -97,7 +97,7 @@ def simulate(config, run: dict, steps: int = 2, fake: bool = True) -> Trace:
 
     from medzoo import host
     from medzoo.objects import resolve
-    from medzoo.train import batching, optim
+    from medzoo.train import batching, methods, optim
 
     if run.get("quantization"):
         raise ValueError("4-bit/8-bit bases (bitsandbytes) are not simulated")
@@ -114,20 +114,12 @@ def simulate(config, run: dict, steps: int = 2, fake: bool = True) -> Trace:
     finally:
         torch.set_default_dtype(default)
     model = resolve(cat.methods[run["method"]].apply)(model, dict(run["method_params"]), run)
-    for param in model.parameters():  # as medzoo.train.run: trainable weights in fp32 under mixed precision
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    from medzoo.train import methods
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if methods.gradient_checkpointing(model, run)[0]:
-        inner.config.use_cache = False
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    methods.prepare(model, run)
     model.train()
 
     training = run["training"]
     micro, cutoff = int(training["micro_batch"]), int(training["cutoff_len"])
-    packing = not (run["method"] == "ptuning-v2" and methods.layout_of(model, "ptuning-v2") == "peft")
+    packing = methods.packable(model, run, prefix_lm=config.model_type == "chatglm")
     if packing:  # two examples a row: the packed block-diagonal mask at full length, as medzoo.train.run
         half_len = cutoff // 2
         examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in (half_len, cutoff - half_len)] * micro

@@ -168,6 +168,31 @@ def gradient_checkpointing(model, run: dict) -> tuple[bool, str | None]:
     return True, None
 
 
+def prepare(model, run: dict) -> str | None:
+    """Ready a model whose method is applied for training (medzoo.train.run and medzoo.memtrace alike):
+    trainable weights in fp32 under mixed precision, gradient checkpointing where the profile asks for it
+    and the method allows. Returns the note to show where it does not."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    checkpointing, note = gradient_checkpointing(model, run)
+    if checkpointing:
+        inner = _unwrap(model)
+        inner.config.use_cache = False
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return note
+
+
+def packable(model, run: dict, prefix_lm: bool) -> bool:
+    """Whether micro-batches are packed: prefix-LM masks (ChatGLM-6B) and peft's prefix keys take a 2-D
+    mask only."""
+    if not run["training"].get("packing", True) or prefix_lm:
+        return False
+    return not (run["method"] == "ptuning-v2" and layout_of(model, "ptuning-v2") == "peft")
+
+
 def layout_of(model, method: str) -> str:
     if method == "full":
         return "full"

@@ -363,9 +363,9 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
     torch.manual_seed(int(run["training"]["seed"]))  # adapter initialisation
     apply = resolve(cat.methods[run["method"]].apply)
     model = apply(model, dict(run["method_params"]), run)
-    for param in model.parameters():  # trainable weights in fp32 under mixed precision
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+    note = methods.prepare(model, run)
+    if note and rank == 0:
+        echo(f"note: {note}")
     inner = methods._unwrap(model)
     attention = getattr(inner.config, "_attn_implementation", None) or "eager"
     if device.startswith("cuda") and attention == "sdpa" and not chatglm:
@@ -376,15 +376,7 @@ def execute(run: dict, folder: Path, *, name: str | None = None, resume: bool = 
             attention = "flash_attention_2"
         except Exception:
             pass
-    checkpointing, note = methods.gradient_checkpointing(model, run)
-    if note and rank == 0:
-        echo(f"note: {note}")
-    if checkpointing:
-        inner.config.use_cache = False
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    packing = bool(run["training"].get("packing", True))
-    if packing and (chatglm or (run["method"] == "ptuning-v2" and methods.layout_of(model, "ptuning-v2") == "peft")):
-        packing = False  # prefix-LM masks (ChatGLM) and peft's prefix keys take a 2-D mask only
+    packing = methods.packable(model, run, prefix_lm=chatglm)
     train_model = model
     if world > 1:
         strategy = strategy or (placement if placement in ("ddp", "fsdp") else "ddp")
