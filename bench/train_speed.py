@@ -368,7 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
-    lf_python = llamafactory_way.find_python(args.llamafactory_python)
+    try:
+        lf_python = llamafactory_way.find_python(args.llamafactory_python)
+    except llamafactory_way.LlamaFactoryError as e:
+        raise SystemExit(f"--llamafactory-python: {e}") from None
     work = Path(tempfile.mkdtemp(prefix="medzoo-train-bench-"))
     os.environ.setdefault("MEDZOO_HOME", str(work / "home"))
     rows = bentsao_rows(args.rows)

@@ -69,3 +69,11 @@ def test_unknown_method_is_refused():
 
     with pytest.raises(SystemExit, match="--methods: 'dora' is not one of lora, qlora, freeze, full"):
         train_speed.main(["--shape", "tiny", "--methods", "lora,dora", "--results", "-"])
+
+
+def test_a_missing_llamafactory_python_is_one_clear_error(tmp_path):
+    import train_speed
+
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    with pytest.raises(SystemExit, match=f"--llamafactory-python: LLaMA-Factory python {missing}: no such file"):
+        train_speed.main(["--shape", "tiny", "--llamafactory-python", str(missing), "--results", "-"])
